@@ -1,0 +1,22 @@
+"""Model presets: the YAML files in configs/model/, read as plain dicts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from happyhorse_train.errors import UserInputError
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def load_preset(name_or_path: str | Path) -> dict:
+    """A preset by name (`tiny`, `8b`: configs/model/<name>.yaml) or by path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = CONFIG_DIR / "model" / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
+        raise UserInputError(f"no model preset {str(name_or_path)!r}; known presets: {', '.join(known)}")
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
