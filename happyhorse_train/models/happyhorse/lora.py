@@ -1,0 +1,158 @@
+"""LoRA files for HappyHorsePipeline in the diffusers layout.
+
+A file holds `transformer.<module path>.lora_A.weight` / `.lora_B.weight` tensors (peft names), and
+diffusers' adapter metadata (rank, alpha, targets) in the safetensors header. Loading is local only:
+a path that does not exist is an error, never a hub lookup.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, LoraBaseMixin
+
+from happyhorse_train.errors import UserInputError
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def resolve_lora_file(path: str | Path, weight_name: str | None = None) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        path = path / (weight_name or LORA_WEIGHT_NAME)
+    if not path.is_file():
+        raise UserInputError(f"LoRA file not found: {path}")
+    return path
+
+
+def read_lora_file(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """The tensors and diffusers' adapter metadata (None when the file has none)."""
+    try:
+        state_dict = safetensors.torch.load_file(path, device="cpu")
+        with safetensors.safe_open(path, framework="pt") as handle:
+            header = handle.metadata() or {}
+    except (safetensors.SafetensorError, OSError) as error:
+        raise UserInputError(f"{path} is not a readable safetensors LoRA file ({error})") from error
+    raw = header.get(LORA_ADAPTER_METADATA_KEY)
+    return state_dict, (json.loads(raw) if raw else None)
+
+
+def check_lora_matches(state_dict: dict[str, torch.Tensor], model: torch.nn.Module, prefix: str, source: str) -> None:
+    """Raise a UserInputError unless every LoRA pair in `state_dict` fits a Linear of `model`.
+
+    peft would otherwise skip unknown modules with a warning, or fail deep inside with a shape error.
+    """
+    modules = dict(model.named_modules())
+    problems, pairs = [], 0
+    for key, down in state_dict.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        pairs += 1
+        name = key.removeprefix(f"{prefix}.").removesuffix(".lora_A.weight")
+        up = state_dict.get(key.replace(".lora_A.", ".lora_B."))
+        target = modules.get(name)
+        target = getattr(target, "base_layer", target)  # a layer that already carries an adapter is wrapped by peft
+        if not isinstance(target, torch.nn.Linear):
+            problems.append(f"no linear layer {name!r} in this model")
+        elif up is None:
+            problems.append(f"{name}: lora_B is missing")
+        elif down.shape[1] != target.in_features or up.shape[0] != target.out_features:
+            problems.append(
+                f"{name}: LoRA maps {down.shape[1]}->{up.shape[0]} features, the model layer "
+                f"{target.in_features}->{target.out_features}"
+            )
+    if pairs == 0:
+        raise UserInputError(f"{source} holds no LoRA weights (no '*.lora_A.weight' keys)")
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise UserInputError(
+            f"{source} does not fit this model ({type(model).__name__}): {len(problems)} of {pairs} LoRA layers "
+            f"do not match: {shown}. Was it trained for another model or preset?"
+        )
+
+
+class HappyHorseLoraLoaderMixin(LoraBaseMixin):
+    """`load_lora_weights` / `save_lora_weights` for the pipeline's transformer.
+
+    `set_adapters`, `fuse_lora`, `unfuse_lora`, `delete_adapters` and `disable_lora` come from
+    diffusers' LoraBaseMixin and act on `_lora_loadable_modules`.
+    """
+
+    _lora_loadable_modules = ["transformer"]
+    transformer_name = "transformer"
+
+    @classmethod
+    def lora_state_dict(
+        cls,
+        pretrained_model_name_or_path_or_dict: str | Path | dict[str, torch.Tensor],
+        weight_name: str | None = None,
+        return_lora_metadata: bool = False,
+        **kwargs,
+    ):
+        if isinstance(pretrained_model_name_or_path_or_dict, dict):
+            state_dict, metadata = dict(pretrained_model_name_or_path_or_dict), None
+        else:
+            path = resolve_lora_file(pretrained_model_name_or_path_or_dict, weight_name)
+            state_dict, metadata = read_lora_file(path)
+        return (state_dict, metadata) if return_lora_metadata else state_dict
+
+    def load_lora_weights(
+        self,
+        pretrained_model_name_or_path_or_dict: str | Path | dict[str, torch.Tensor],
+        adapter_name: str | None = None,
+        **kwargs,
+    ) -> None:
+        source = (
+            "the given LoRA state dict"
+            if isinstance(pretrained_model_name_or_path_or_dict, dict)
+            else str(pretrained_model_name_or_path_or_dict)
+        )
+        state_dict, metadata = self.lora_state_dict(
+            pretrained_model_name_or_path_or_dict, weight_name=kwargs.pop("weight_name", None), return_lora_metadata=True
+        )
+        transformer = getattr(self, self.transformer_name)
+        check_lora_matches(state_dict, transformer, self.transformer_name, source)
+        transformer.load_lora_adapter(
+            state_dict, prefix=self.transformer_name, adapter_name=adapter_name, metadata=metadata, _pipeline=self
+        )
+
+    @classmethod
+    def save_lora_weights(
+        cls,
+        save_directory: str | Path,
+        transformer_lora_layers: dict[str, torch.Tensor],
+        transformer_lora_adapter_metadata: dict | None = None,
+        weight_name: str | None = None,
+        is_main_process: bool = True,
+    ) -> None:
+        cls._save_lora_weights(
+            save_directory=save_directory,
+            lora_layers={cls.transformer_name: transformer_lora_layers},
+            lora_metadata={cls.transformer_name: transformer_lora_adapter_metadata},
+            is_main_process=is_main_process,
+            weight_name=weight_name,
+            save_function=None,
+            safe_serialization=True,
+        )
+
+    def fuse_lora(self, components: list[str] = ["transformer"], lora_scale: float = 1.0, **kwargs) -> None:  # noqa: B006
+        super().fuse_lora(components=components, lora_scale=lora_scale, **kwargs)
+
+    def unfuse_lora(self, components: list[str] = ["transformer"], **kwargs) -> None:  # noqa: B006
+        super().unfuse_lora(components=components, **kwargs)
+
+
+def apply_loras(pipe: HappyHorseLoraLoaderMixin, paths: list[str], scales: list[float]) -> list[str]:
+    """Load each LoRA as its own adapter and activate them together with their weights; returns the adapter names."""
+    if scales and len(scales) != len(paths):
+        raise UserInputError(f"{len(scales)} lora_scales for {len(paths)} loras; give one scale per LoRA or none")
+    names = [f"lora_{index}" for index in range(len(paths))]
+    for name, path in zip(names, paths):
+        pipe.load_lora_weights(path, adapter_name=name)
+    if names:
+        pipe.set_adapters(names, adapter_weights=list(scales) or [1.0] * len(names))
+    return names
