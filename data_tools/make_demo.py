@@ -1,0 +1,37 @@
+"""Write the demo: a random tiny HappyHorse checkpoint (diffusers layout) and a few synthetic captioned clips.
+
+    python data_tools/make_demo.py                 # -> demo/model and demo/clips
+    python data_tools/make_demo.py --out /tmp/demo --preset tiny --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from happyhorse_train.demo.checkpoint import write_random_checkpoint  # noqa: E402
+from happyhorse_train.demo.clips import write_demo_clips  # noqa: E402
+from happyhorse_train.errors import report_user_errors  # noqa: E402
+
+
+@report_user_errors
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("demo"), help="output folder (default: demo)")
+    parser.add_argument("--preset", default="tiny", help="model preset from configs/model (default: tiny)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    parser.add_argument("--skip-clips", action="store_true", help="write only the checkpoint")
+    args = parser.parse_args(argv)
+
+    model_dir = write_random_checkpoint(args.out / "model", args.preset, args.seed)
+    print(f"wrote a random {args.preset} HappyHorse checkpoint to {model_dir}")
+    if not args.skip_clips:
+        clips = write_demo_clips(args.out / "clips")
+        print(f"wrote {len(clips)} captioned clips to {args.out / 'clips'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Build a random HappyHorse checkpoint from a preset and save it as a real diffusers-layout folder.
+
+Every component, the tokenizer included, is made here from the preset: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+from happyhorse_train.models.happyhorse.pipeline import HappyHorsePipeline
+from happyhorse_train.models.happyhorse.transformer import HappyHorseTransformer3DModel
+from happyhorse_train.models.presets import load_preset
+
+# The tokenizer learns its merges from these words; byte-level BPE still encodes any text at all.
+TOKENIZER_CORPUS = [
+    "a red circle moving left to right on a black background",
+    "a blue square moving top to bottom on a dark background",
+    "a green triangle drifting slowly across a grey background",
+    "a yellow ball bouncing, camera static, soft lighting",
+    "a white dot orbiting the centre, slow camera pan, warm light",
+    "cinematic, close-up, wide shot, tracking shot, zoom in, zoom out, sunset, night, rain, horse running",
+]
+PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
+
+
+def build_tokenizer(vocab_size: int, model_max_length: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer that appends `</s>`, with pad id 0 and eos id 1 as in T5."""
+    tokenizer = Tokenizer(models.BPE(unk_token=UNK))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, EOS, UNK],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(TOKENIZER_CORPUS, trainer=trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(single=f"$A {EOS}", special_tokens=[(EOS, 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token=PAD, eos_token=EOS, unk_token=UNK, model_max_length=model_max_length
+    )
+
+
+def build_random_pipeline(preset: dict | str, seed: int = 0) -> HappyHorsePipeline:
+    """Random-weight components sized by the preset, in float32 on the CPU."""
+    preset = load_preset(preset) if isinstance(preset, str) else preset
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(**preset["tokenizer"])
+    z_dim = preset["vae"].get("z_dim", 16)
+    vae = AutoencoderKLWan(**preset["vae"], latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim)
+    text_config = UMT5Config(
+        **{**preset["text_encoder"], "vocab_size": len(tokenizer)}, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0
+    )
+    return HappyHorsePipeline(
+        transformer=HappyHorseTransformer3DModel(**preset["transformer"]),
+        vae=vae,
+        text_encoder=UMT5EncoderModel(text_config),
+        tokenizer=tokenizer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**preset["scheduler"]),
+    )
+
+
+def write_random_checkpoint(out_dir: str | Path, preset: dict | str = "tiny", seed: int = 0) -> Path:
+    out_dir = Path(out_dir)
+    build_random_pipeline(preset, seed).save_pretrained(out_dir)
+    return out_dir
