@@ -1,0 +1,54 @@
+"""Render videos from a HappyHorse model folder, optionally with LoRAs.
+
+    python sample.py model.path=demo/model 'prompts=["a blue square moving top to bottom"]'
+    python sample.py model=8b model.path=/models/happyhorse-1.0 'loras=[out/style.safetensors]' 'lora_scales=[0.8]'
+
+Every option: configs/sample.yaml. Videos go to `output_dir` (default samples/).
+"""
+
+from __future__ import annotations
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from happyhorse_train.config import register_configs
+from happyhorse_train.errors import UserInputError, report_user_errors
+from happyhorse_train.evaluation.videos import save_videos
+from happyhorse_train.models.happyhorse import load_pipeline
+from happyhorse_train.models.happyhorse.lora import apply_loras
+from happyhorse_train.runtime import resolve_device, resolve_dtype
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="sample")
+@report_user_errors
+def main(cfg: DictConfig) -> None:
+    if not cfg.prompts:
+        raise UserInputError("no prompts given; e.g. 'prompts=[\"a red circle moving left to right\"]'")
+    if cfg.model.path is None:
+        raise UserInputError(f"model.path is not set: point it at a {cfg.model.preset} diffusers-layout model folder")
+    device = resolve_device(cfg.device)
+    pipe = load_pipeline(cfg.model.path, device, resolve_dtype(cfg.dtype, device))
+    apply_loras(pipe, list(cfg.loras), list(cfg.lora_scales))
+
+    pipe.latent_shape(cfg.height, cfg.width, cfg.num_frames)  # fail on a bad size before encoding anything
+    generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    videos = pipe(
+        prompt=list(cfg.prompts),
+        negative_prompt=cfg.negative_prompt,
+        height=cfg.height,
+        width=cfg.width,
+        num_frames=cfg.num_frames,
+        num_inference_steps=cfg.num_inference_steps,
+        guidance_scale=cfg.guidance_scale,
+        max_sequence_length=cfg.max_sequence_length,
+        generator=generator,
+    ).frames
+    for path in save_videos(videos, list(cfg.prompts), cfg.output_dir, cfg.fps, tag=f"_seed{cfg.seed}"):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
