@@ -47,7 +47,10 @@ def build_tokenizer(vocab_size: int, model_max_length: int) -> PreTrainedTokeniz
 
 
 def build_random_pipeline(preset: dict | str, seed: int = 0) -> HappyHorsePipeline:
-    """Random-weight components sized by the preset, in float32 on the CPU."""
+    """Random-weight components sized by the preset, in float32 on the CPU, in eval mode as from_pretrained gives them.
+
+    (Freshly built modules start in training mode, where the text encoder's dropout would make sampling random.)
+    """
     preset = load_preset(preset) if isinstance(preset, str) else preset
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(**preset["tokenizer"])
@@ -57,9 +60,9 @@ def build_random_pipeline(preset: dict | str, seed: int = 0) -> HappyHorsePipeli
         **{**preset["text_encoder"], "vocab_size": len(tokenizer)}, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0
     )
     return HappyHorsePipeline(
-        transformer=HappyHorseTransformer3DModel(**preset["transformer"]),
-        vae=vae,
-        text_encoder=UMT5EncoderModel(text_config),
+        transformer=HappyHorseTransformer3DModel(**preset["transformer"]).eval(),
+        vae=vae.eval(),
+        text_encoder=UMT5EncoderModel(text_config).eval(),
         tokenizer=tokenizer,
         scheduler=FlowMatchEulerDiscreteScheduler(**preset["scheduler"]),
     )

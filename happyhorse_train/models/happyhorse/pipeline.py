@@ -27,6 +27,9 @@ class HappyHorsePipelineOutput(BaseOutput):
 
 
 class HappyHorsePipeline(DiffusionPipeline, HappyHorseLoraLoaderMixin):
+    """Text to video. Components are used as given: `from_pretrained` returns them in eval mode; a caller
+    that passes live training modules (validation) switches them to eval first, or dropout stays on."""
+
     model_cpu_offload_seq = "text_encoder->transformer->vae"
 
     def __init__(
