@@ -6,10 +6,13 @@ import logging
 # we never fetch from a hub, so that warning is noise on every command.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-from happyhorse_train.models.happyhorse import (  # noqa: E402
-    HappyHorsePipeline,
-    HappyHorseTransformer3DModel,
-    load_pipeline,
-)
-
 __all__ = ["HappyHorsePipeline", "HappyHorseTransformer3DModel", "load_pipeline"]
+
+
+def __getattr__(name: str):
+    # Lazy, so the data tools and their worker processes do not pay for importing diffusers.
+    if name in __all__:
+        from happyhorse_train.models import happyhorse
+
+        return getattr(happyhorse, name)
+    raise AttributeError(f"module 'happyhorse_train' has no attribute {name!r}")
