@@ -1,0 +1,1 @@
+"""Data loading: datasets, bucketing and sampling for training."""
