@@ -26,3 +26,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise UserInputError(f"dtype={name!r}; use one of auto, {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def distributed_state():
+    """Accelerate's process state. Without CUDA it asks for CPU processes explicitly: accelerate's multi-process
+    launcher does not tell its children to use the CPU, and they would each run alone as rank 0 of 1."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())

@@ -1,0 +1,62 @@
+"""Encode a clip dataset's clips (VAE) and captions (text encoder) once, into a latent cache.
+
+    python data_tools/cache_latents.py DATASET --model demo/model [--cache DATASET/cache]
+    accelerate launch --multi_gpu --num_processes 2 data_tools/cache_latents.py DATASET --model ...  # split the work
+
+Only entries missing from the cache are encoded: re-running after adding clips encodes just those, and a
+killed run picks up where it stopped. Clips that fail to decode are skipped and listed in failures-rank*.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from happyhorse_train.errors import report_user_errors  # noqa: E402
+
+
+@report_user_errors
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dataset", type=Path, help="clip dataset folder (from prepare_clips.py)")
+    parser.add_argument("--model", type=Path, required=True, help="diffusers-layout model folder")
+    parser.add_argument("--cache", type=Path, help="cache folder (default: DATASET/cache)")
+    parser.add_argument("--max-sequence-length", type=int, default=512, help="prompt tokens kept (default 512)")
+    parser.add_argument("--shard-size", type=int, default=32, help="clips per shard file (default 32)")
+    parser.add_argument("--dtype", default="auto", help="model precision: auto, float32, bfloat16")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+
+    from happyhorse_train.data.cache import LatentCache
+    from happyhorse_train.data.caching import fill_cache
+    from happyhorse_train.data.prepare import load_manifest
+    from happyhorse_train.models.happyhorse import load_pipeline
+    from happyhorse_train.models.happyhorse.clip_encoder import HappyHorseClipEncoder
+    from happyhorse_train.runtime import distributed_state, resolve_dtype
+
+    state = distributed_state()
+    manifest = load_manifest(args.dataset)
+    pipe = load_pipeline(args.model, state.device, resolve_dtype(args.dtype, state.device))
+    encoder = HappyHorseClipEncoder(pipe, args.model, args.max_sequence_length)
+    cache = LatentCache(args.cache or args.dataset / "cache")
+
+    stats = fill_cache(
+        manifest, cache, encoder, state.process_index, state.num_processes, args.shard_size, progress=not args.no_progress
+    )
+    print(
+        f"rank {state.process_index}: encoded {stats.videos_encoded} clips and {stats.texts_encoded} captions "
+        f"in {stats.seconds:.1f} s; {len(stats.failed)} failed"
+    )
+    for failure in stats.failed:
+        print(f"  failed: {failure.get('source', failure.get('caption'))}: {failure['reason']}")
+    state.wait_for_everyone()
+    if state.is_main_process:
+        cache.refresh(write_index=True)
+        print(f"cache {cache.folder}: {len(cache)} entries ({stats.videos_needed} clips, {stats.texts_needed} captions needed)")
+
+
+if __name__ == "__main__":
+    main()

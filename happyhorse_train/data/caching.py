@@ -1,0 +1,115 @@
+"""Fill a LatentCache from a clip manifest: encode only what is missing, split across processes."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from tqdm import tqdm
+
+from happyhorse_train.data.cache import LatentCache, NonFiniteTensor, text_entry_key, video_entry_key
+from happyhorse_train.data.clip_rules import source_frame_indices
+from happyhorse_train.data.video import UnreadableMedia, load_clip
+
+FAILURES_FILE = "failures-rank{rank}.json"
+
+
+class ClipEncoder(Protocol):
+    video_id: str
+    text_id: str
+
+    def encode_video(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+    def encode_texts(self, captions: list[str]) -> list[dict[str, torch.Tensor]]: ...
+
+
+@dataclass
+class CacheRunStats:
+    videos_needed: int = 0
+    videos_encoded: int = 0
+    texts_needed: int = 0
+    texts_encoded: int = 0
+    failed: list[dict] = field(default_factory=list)  # {"clip_id" or "caption", "source", "reason"}
+    seconds: float = 0.0
+
+
+def required_entries(manifest, encoder: ClipEncoder) -> tuple[dict[str, dict], dict[str, str]]:
+    """{video key: a manifest row} and {text key: caption} the manifest needs; "" is always included for
+    caption dropout (training with an empty caption)."""
+    videos, texts = {}, {text_entry_key("", encoder.text_id): ""}
+    for row in manifest:
+        videos.setdefault(video_entry_key(row, encoder.video_id), row)
+        texts.setdefault(text_entry_key(row["caption"], encoder.text_id), row["caption"])
+    return videos, texts
+
+
+def _pixels(row: dict) -> torch.Tensor:
+    indices = source_frame_indices(row["start_frame"], row["num_frames"], row["source_fps"] or 1.0, row["target_fps"] or 1.0)
+    return load_clip(Path(row["source"]), indices, row["bucket_height"], row["bucket_width"])
+
+
+def fill_cache(
+    manifest,
+    cache: LatentCache,
+    encoder: ClipEncoder,
+    rank: int = 0,
+    world_size: int = 1,
+    shard_size: int = 32,
+    text_batch_size: int = 16,
+    progress: bool = True,
+) -> CacheRunStats:
+    """Encode this rank's share of the entries missing from the cache and write them as shards.
+
+    Missing keys are sorted and dealt round-robin, so ranks never encode the same entry. A clip that fails
+    to decode or encodes to non-finite values is skipped and recorded, and the run goes on.
+    """
+    started = time.perf_counter()
+    videos, texts = required_entries(manifest, encoder)
+    stats = CacheRunStats(videos_needed=len(videos), texts_needed=len(texts))
+    missing_videos = sorted(k for k in videos if k not in cache)[rank::world_size]
+    missing_texts = sorted(k for k in texts if k not in cache)[rank::world_size]
+
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+
+    def flush() -> None:
+        if pending:
+            cache.write_shard(pending)
+            pending.clear()
+
+    bar = tqdm(total=len(missing_videos), desc=f"encoding clips (rank {rank})", unit="clip", disable=not progress)
+    for key in missing_videos:
+        row = videos[key]
+        try:
+            entry = encoder.encode_video(_pixels(row))
+            bad = [name for name, tensor in entry.items() if not torch.isfinite(tensor).all()]
+            if bad:
+                raise NonFiniteTensor(f"the VAE gave non-finite {', '.join(bad)}")
+        except (UnreadableMedia, NonFiniteTensor) as error:
+            stats.failed.append({"clip_id": row["clip_id"], "source": row["source"], "reason": str(error)})
+        else:
+            pending[key] = entry
+            stats.videos_encoded += 1
+            if len(pending) >= shard_size:
+                flush()
+        bar.update()
+    flush()
+    bar.close()
+
+    for start in range(0, len(missing_texts), text_batch_size):
+        keys = missing_texts[start : start + text_batch_size]
+        for key, entry in zip(keys, encoder.encode_texts([texts[k] for k in keys])):
+            if torch.isfinite(entry["text"]).all():
+                pending[key] = entry
+                stats.texts_encoded += 1
+            else:
+                stats.failed.append({"caption": texts[key], "reason": "the text encoder gave non-finite states"})
+        flush()
+
+    failures_path = cache.folder / FAILURES_FILE.format(rank=rank)
+    failures_path.write_text(json.dumps(stats.failed, indent=2, ensure_ascii=False))
+    stats.seconds = time.perf_counter() - started
+    return stats

@@ -1,0 +1,65 @@
+"""The training dataset: clips of a manifest served from the latent cache, and batch collation."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset
+
+from happyhorse_train.data.cache import LatentCache, text_entry_key, video_entry_key
+
+
+class CachedClipDataset(Dataset):
+    """Items: {"latent_mean", "latent_std": (C, T', H', W'), "text_states": (tokens, dim), "clip_id", "bucket"}.
+
+    Only clips whose latents and caption are both cached are served; `missing` lists the clip ids left
+    out, so the trainer can say how many (a clip that failed to decode, or a cache not yet filled).
+    """
+
+    def __init__(self, manifest, cache: LatentCache, video_encoder_id: str, text_encoder_id: str):
+        self.cache = cache
+        self.rows, self.missing = [], []
+        for row in manifest:
+            video_key = video_entry_key(row, video_encoder_id)
+            text_key = text_entry_key(row["caption"], text_encoder_id)
+            if video_key in cache and text_key in cache:
+                self.rows.append({**row, "video_key": video_key, "text_key": text_key})
+            else:
+                self.missing.append(row["clip_id"])
+        self.empty_text_key = text_entry_key("", text_encoder_id)
+
+    @property
+    def buckets(self) -> list[str]:
+        """Each item's shape key, for BucketBatchSampler: one shape per batch."""
+        return [row["bucket"] for row in self.rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.rows[index]
+        latents = self.cache.get(row["video_key"])
+        return {
+            "latent_mean": latents["mean"],
+            "latent_std": latents["std"],
+            "text_states": self.cache.get(row["text_key"])["text"],
+            "clip_id": row["clip_id"],
+            "bucket": row["bucket"],
+        }
+
+
+def collate_clips(items: list[dict]) -> dict:
+    """Stack latents (one shape per batch) and right-pad text states, with a mask of real tokens."""
+    longest = max(item["text_states"].shape[0] for item in items)
+    dim = items[0]["text_states"].shape[1]
+    text = torch.zeros(len(items), longest, dim, dtype=items[0]["text_states"].dtype)
+    mask = torch.zeros(len(items), longest, dtype=torch.bool)
+    for i, item in enumerate(items):
+        length = item["text_states"].shape[0]
+        text[i, :length], mask[i, :length] = item["text_states"], True
+    return {
+        "latent_mean": torch.stack([item["latent_mean"] for item in items]),
+        "latent_std": torch.stack([item["latent_std"] for item in items]),
+        "text_states": text,
+        "text_mask": mask,
+        "clip_ids": [item["clip_id"] for item in items],
+    }
