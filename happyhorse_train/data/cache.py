@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import uuid
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from happyhorse_train.files import write_atomic
 
 INDEX_FILE = "index.json"
 
@@ -71,7 +72,7 @@ class LatentCache:
             del index[name]
         self._location = {key: name for name, keys in sorted(index.items()) for key in keys}
         if write_index or stale or len(index) != len(present):
-            self._write_atomic(index_path, lambda path: path.write_text(json.dumps(index, indent=0, sort_keys=True)))
+            write_atomic(index_path, lambda path: path.write_text(json.dumps(index, indent=0, sort_keys=True)))
 
     def keys(self) -> set[str]:
         return set(self._location)
@@ -103,16 +104,7 @@ class LatentCache:
                     raise NonFiniteTensor(f"cache entry {key} field {field} has non-finite values")
                 tensors[f"{key}/{field}"] = tensor.detach().contiguous().cpu()
         name = f"{uuid.uuid4().hex}.safetensors"
-        self._write_atomic(self.shard_dir / name, lambda path: save_file(tensors, str(path), metadata={"format": "pt"}))
+        write_atomic(self.shard_dir / name, lambda path: save_file(tensors, str(path), metadata={"format": "pt"}))
         for key in entries:
             self._location[key] = name
         return name
-
-    @staticmethod
-    def _write_atomic(path: Path, write) -> None:
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            write(temporary)
-            os.replace(temporary, path)
-        finally:
-            temporary.unlink(missing_ok=True)

@@ -23,6 +23,7 @@ from happyhorse_train.data.captions import CaptionError, CaptionIndex
 from happyhorse_train.data.clip_rules import ClipRules, nearest_bucket, plan_clips, source_frame_indices
 from happyhorse_train.data.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES, UnreadableMedia, probe
 from happyhorse_train.errors import UserInputError
+from happyhorse_train.files import write_atomic
 
 MANIFEST_FILE, REPORT_JSON, REPORT_TEXT, RULES_FILE = "manifest.parquet", "report.json", "report.txt", "rules.json"
 _SIDE_FILES = {"captions.jsonl", "captions.csv"}
@@ -153,12 +154,6 @@ def prepare_clips(source: Path, rules: ClipRules, num_workers: int = 0, progress
     return result
 
 
-def _write_atomic(path: Path, write) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    write(temporary)
-    os.replace(temporary, path)
-
-
 def report_text(result: PrepareResult, source: Path) -> str:
     kept_files = len({row["source"] for row in result.rows})
     lines = [
@@ -186,16 +181,16 @@ def write_dataset_folder(result: PrepareResult, source: Path, output: Path, rule
         "dropped": [asdict(d) for d in result.dropped],
         "notes": result.notes,
     }
-    _write_atomic(output / REPORT_JSON, lambda p: p.write_text(json.dumps(summary, indent=2, ensure_ascii=False)))
-    _write_atomic(output / REPORT_TEXT, lambda p: p.write_text(report_text(result, source), encoding="utf-8"))
-    _write_atomic(output / RULES_FILE, lambda p: p.write_text(json.dumps(asdict(rules), indent=2)))
+    write_atomic(output / REPORT_JSON, lambda p: p.write_text(json.dumps(summary, indent=2, ensure_ascii=False)))
+    write_atomic(output / REPORT_TEXT, lambda p: p.write_text(report_text(result, source), encoding="utf-8"))
+    write_atomic(output / RULES_FILE, lambda p: p.write_text(json.dumps(asdict(rules), indent=2)))
     if not result.rows:
         raise UserInputError(
             f"no usable clips in {source}: {len(result.dropped)} file(s) dropped, reasons in {output / REPORT_TEXT}"
         )
     from datasets import Dataset
 
-    _write_atomic(output / MANIFEST_FILE, lambda p: Dataset.from_list(result.rows).to_parquet(str(p)))
+    write_atomic(output / MANIFEST_FILE, lambda p: Dataset.from_list(result.rows).to_parquet(str(p)))
 
 
 def load_manifest(folder: str | Path):
