@@ -46,6 +46,20 @@ def build_tokenizer(vocab_size: int, model_max_length: int) -> PreTrainedTokeniz
     )
 
 
+def _like_a_trained_vae(vae: AutoencoderKLWan, z_dim: int) -> None:
+    """Give a random VAE the posterior of a trained one: narrow (std e^-4) around means of about unit spread.
+
+    A randomly initialized VAE's posterior std (~1) dwarfs the spread of its means (~0.2), so its sampled
+    latents would be mostly noise and nothing trained on them could be learned. `quant_conv` emits the
+    means in its first z_dim channels and the log-variances in the rest.
+    """
+    with torch.no_grad():
+        vae.quant_conv.weight[z_dim:] = 0.0
+        vae.quant_conv.bias[z_dim:] = -8.0
+        vae.quant_conv.weight[:z_dim] *= 5.0
+        vae.quant_conv.bias[:z_dim] *= 5.0
+
+
 def build_random_pipeline(preset: dict | str, seed: int = 0) -> HappyHorsePipeline:
     """Random-weight components sized by the preset, in float32 on the CPU, in eval mode as from_pretrained gives them.
 
@@ -56,6 +70,7 @@ def build_random_pipeline(preset: dict | str, seed: int = 0) -> HappyHorsePipeli
     tokenizer = build_tokenizer(**preset["tokenizer"])
     z_dim = preset["vae"].get("z_dim", 16)
     vae = AutoencoderKLWan(**preset["vae"], latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim)
+    _like_a_trained_vae(vae, z_dim)
     text_config = UMT5Config(
         **{**preset["text_encoder"], "vocab_size": len(tokenizer)}, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0
     )
