@@ -54,6 +54,104 @@ class SampleConfig:
     dtype: str = "auto"
 
 
+@dataclass
+class DataConfig:
+    dataset: str = "???"
+    cache: Optional[str] = None
+    batch_size: int = 1
+    num_workers: int = 0
+    caption_dropout: float = 0.1
+    max_sequence_length: int = "${model.sample.max_sequence_length}"  # type: ignore[assignment]
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 32
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: Optional[list[str]] = None
+    init: str = "default"
+
+
+@dataclass
+class FlowMatchingConfig:
+    sigma_sampling: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    shift: float = 1.0
+    resolution_shift: bool = False
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_tokens: int = 256
+    max_tokens: int = 4096
+    loss_weighting: str = "none"
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.01
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    scheduler: str = "constant"
+    warmup_steps: int = 0
+
+
+@dataclass
+class TrainerConfig:
+    mode: str = "lora"
+    max_steps: int = 1000
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "bf16"
+    gradient_checkpointing: bool = True
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    ema: bool = False
+    ema_decay: float = 0.999
+    max_consecutive_nonfinite: int = 10
+
+
+@dataclass
+class ValidationConfig:
+    every: int = 0
+    prompts: list[str] = field(default_factory=list)
+    negative_prompt: str = ""
+    height: int = "${model.sample.height}"  # type: ignore[assignment]
+    width: int = "${model.sample.width}"  # type: ignore[assignment]
+    num_frames: int = 17
+    num_inference_steps: int = 20
+    guidance_scale: float = "${model.sample.guidance_scale}"  # type: ignore[assignment]
+    seed: int = 0
+
+
+@dataclass
+class LoggingConfig:
+    logger: str = "wandb"
+    wandb_mode: str = "offline"
+    project: str = "happyhorse-train"
+    run_name: Optional[str] = None
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    flow: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    output_dir: str = "???"
+    seed: int = 0
+    resume: Optional[str] = None
+
+
 def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(name="sample_schema", node=SampleConfig)
+    store.store(name="train_schema", node=TrainConfig)

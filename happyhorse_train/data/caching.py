@@ -80,7 +80,7 @@ def fill_cache(
             cache.write_shard(pending)
             pending.clear()
 
-    bar = tqdm(total=len(missing_videos), desc=f"encoding clips (rank {rank})", unit="clip", disable=not progress)
+    bar = tqdm(total=len(missing_videos), desc=f"encoding clips (rank {rank})", unit="clip", disable=not (progress and missing_videos))
     for key in missing_videos:
         row = videos[key]
         try:

@@ -1,0 +1,99 @@
+"""Where training metrics go: metrics.jsonl and loss_curve.png always; W&B or TensorBoard when configured."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+METRICS_FILE = "metrics.jsonl"
+LOSS_CURVE_FILE = "loss_curve.png"
+
+
+class RunLog:
+    """Per-step metrics appended to <output_dir>/metrics.jsonl (main process only), and a tracker."""
+
+    def __init__(self, accelerator, output_dir: Path, cfg, resumed_step: int):
+        self.accelerator = accelerator
+        self.path = output_dir / METRICS_FILE
+        self.logger = cfg.logging.logger
+        if accelerator.is_main_process:
+            self._truncate_after(resumed_step)
+        if self.logger != "none":
+            from omegaconf import OmegaConf
+
+            init_kwargs = {}
+            if self.logger == "wandb":
+                init_kwargs["wandb"] = {
+                    "mode": cfg.logging.wandb_mode,
+                    "dir": str(output_dir),
+                    "name": cfg.logging.run_name or output_dir.name,
+                }
+            accelerator.init_trackers(
+                cfg.logging.project, config=_flat(OmegaConf.to_container(cfg, resolve=True)), init_kwargs=init_kwargs
+            )
+
+    def _truncate_after(self, step: int) -> None:
+        """A resumed run repeats the steps after its checkpoint: drop their old lines so each step appears once."""
+        if not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def log_step(self, metrics: dict, step: int, to_tracker: bool) -> None:
+        if self.accelerator.is_main_process:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps({"step": step, **metrics}) + "\n")
+        if to_tracker and self.logger != "none":
+            self.accelerator.log(metrics, step=step)
+
+    def log_videos(self, paths: list[Path], prompts: list[str], step: int) -> None:
+        if self.logger != "wandb" or not self.accelerator.is_main_process:
+            return  # TensorBoard's video logging needs moviepy; the mp4 files are in the run folder either way
+        import wandb
+
+        videos = [wandb.Video(str(path), caption=prompt, format="mp4") for path, prompt in zip(paths, prompts)]
+        self.accelerator.get_tracker("wandb").log({"validation": videos}, step=step)
+
+    def finish(self) -> None:
+        if self.logger != "none":
+            self.accelerator.end_training()
+        if self.accelerator.is_main_process:
+            write_loss_curve(self.path, self.path.with_name(LOSS_CURVE_FILE))
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+
+
+def write_loss_curve(metrics_path: Path, png_path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = [row for row in read_metrics(metrics_path) if "loss" in row]
+    if not rows:
+        return
+    steps, losses = [r["step"] for r in rows], [r["loss"] for r in rows]
+    figure = Figure(figsize=(8, 4.5))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    axes.plot(steps, losses, linewidth=0.8, alpha=0.5, label="loss")
+    window = max(1, len(losses) // 20)
+    if window > 1:
+        smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1]) for i in range(len(losses))]
+        axes.plot(steps, smooth, linewidth=1.8, label=f"mean of {window}")
+    axes.set_xlabel("step")
+    axes.set_ylabel("flow-matching loss")
+    axes.set_title(f"training loss ({metrics_path.parent.name})")
+    axes.legend()
+    figure.savefig(png_path, dpi=100)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """Nested config -> {"a.b": value} so every tracker shows it as a table."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+    return flat

@@ -1,0 +1,36 @@
+"""Validation samples: the user's pipeline, the live weights, a fixed seed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from happyhorse_train.evaluation.videos import save_videos
+
+
+@torch.no_grad()
+def render_validation(pipe, cfg, folder: Path, autocast) -> list[Path]:
+    """Render `cfg.prompts` with `pipe` into mp4 files under `folder`.
+
+    The transformer is switched to eval (LoRA dropout off) and back. The generator is a fresh one from
+    `cfg.seed`, and nothing touches the global random state, so validating does not change training.
+    """
+    transformer = pipe.transformer
+    was_training = transformer.training
+    transformer.eval()
+    try:
+        with autocast():
+            videos = pipe(
+                prompt=list(cfg.prompts),
+                negative_prompt=cfg.negative_prompt,
+                height=cfg.height,
+                width=cfg.width,
+                num_frames=cfg.num_frames,
+                num_inference_steps=cfg.num_inference_steps,
+                guidance_scale=cfg.guidance_scale,
+                generator=torch.Generator("cpu").manual_seed(cfg.seed),
+            ).frames
+    finally:
+        transformer.train(was_training)
+    return save_videos(videos, list(cfg.prompts), folder, fps=24)

@@ -1,0 +1,45 @@
+"""What trains: a peft LoRA on the frozen transformer, or every transformer weight."""
+
+from __future__ import annotations
+
+import peft
+import torch
+
+from happyhorse_train.errors import UserInputError
+
+LORA_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+
+
+def make_trainable(
+    transformer: torch.nn.Module, mode: str, lora, default_targets: list[str], frozen_dtype: torch.dtype
+) -> peft.LoraConfig | None:
+    """Freeze or unfreeze; for LoRA, store the frozen base in `frozen_dtype` and the adapter in float32.
+
+    Returns the LoraConfig (None for a full fine-tune). Trained weights stay float32 in both modes: the
+    optimizer updates them in full precision and autocast runs the matmuls in the compute dtype.
+    """
+    transformer.requires_grad_(False)
+    if mode == "full":
+        transformer.to(torch.float32).requires_grad_(True)
+        return None
+    config = peft.LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules or default_targets),
+        init_lora_weights=LORA_INIT[lora.init],
+    )
+    if transformer.dtype != frozen_dtype:
+        transformer.to(frozen_dtype)
+    try:
+        transformer.add_adapter(config)
+    except ValueError as error:  # peft: "Target modules ... not found in the base model"
+        raise UserInputError(f"lora.target_modules: {error}") from error
+    for param in transformer.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    return config
+
+
+def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {name: param for name, param in model.named_parameters() if param.requires_grad}

@@ -1,0 +1,147 @@
+"""Resumable checkpoints: everything a run needs to continue exactly where it was.
+
+A checkpoint is a folder `<output_dir>/checkpoints/step-00000250/` holding:
+  trainable.safetensors   the trained weights (the LoRA, or the whole transformer)
+  optimizer.pt            optimizer state
+  scheduler.pt            learning-rate schedule state
+  ema.pt                  EMA weights (when EMA is on)
+  rng-rank<N>.pt          every random-number state of process N (python, numpy, torch, cuda, training noise)
+  trainer_state.json      step, data position (epoch, batches taken), counters, world size
+
+It is written into a hidden `.step-...tmp` folder and renamed when complete, so a folder with a
+checkpoint's name is always whole; `latest_checkpoint` never sees a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from happyhorse_train.errors import UserInputError
+
+CHECKPOINTS = "checkpoints"
+_NAME = re.compile(r"^step-(\d{8})$")
+
+
+def checkpoint_dir(output_dir: Path, step: int) -> Path:
+    return output_dir / CHECKPOINTS / f"step-{step:08d}"
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    folder = output_dir / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and _NAME.match(p.name)]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh run; refuses to start over a run with checkpoints."""
+    existing = list_checkpoints(output_dir)
+    if resume is None:
+        if existing:
+            raise UserInputError(
+                f"{output_dir} already holds checkpoints (newest {existing[-1].name}): pass resume=latest to "
+                "continue that run, or choose another output_dir"
+            )
+        return None
+    if resume == "latest":
+        if not existing:
+            raise UserInputError(f"resume=latest but {output_dir / CHECKPOINTS} holds no complete checkpoint")
+        return existing[-1]
+    path = Path(resume)
+    if not (path / "trainer_state.json").is_file():
+        raise UserInputError(f"resume={resume}: not a checkpoint folder (no trainer_state.json)")
+    return path
+
+
+def rng_state(noise_generator: torch.Generator) -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "noise": noise_generator.get_state(),
+    }
+
+
+def restore_rng(state: dict, noise_generator: torch.Generator) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    noise_generator.set_state(state["noise"])
+
+
+def save_checkpoint(
+    accelerator,
+    output_dir: Path,
+    step: int,
+    trainable: dict[str, torch.Tensor],
+    optimizer,
+    lr_schedule,
+    ema,
+    noise_generator: torch.Generator,
+    trainer_state: dict,
+    keep: int,
+) -> Path:
+    """Write a checkpoint from every process (each its RNG, the main one the rest); then prune old ones."""
+    final = checkpoint_dir(output_dir, step)
+    temporary = final.with_name(f".{final.name}.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(temporary, ignore_errors=True)  # left by a run killed while writing this step
+        temporary.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(rng_state(noise_generator), temporary / f"rng-rank{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(temporary / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), temporary / "optimizer.pt")
+        torch.save(lr_schedule.state_dict(), temporary / "scheduler.pt")
+        if ema is not None:
+            torch.save(ema.state_dict(), temporary / "ema.pt")
+        state = {**trainer_state, "step": step, "world_size": accelerator.num_processes}
+        (temporary / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        temporary.rename(final)
+        for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(
+    accelerator, path: Path, model: torch.nn.Module, optimizer, lr_schedule, ema, noise_generator: torch.Generator
+) -> dict:
+    """Restore a checkpoint into the live objects; returns its trainer state."""
+    state = json.loads((path / "trainer_state.json").read_text())
+    if state["world_size"] != accelerator.num_processes:
+        raise UserInputError(
+            f"{path} was written by {state['world_size']} process(es), this run has {accelerator.num_processes}: "
+            "resume with the same number of processes (the data order and random states are per process)"
+        )
+    saved = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [name for name in saved if name not in params]
+    if missing or len(saved) != sum(p.requires_grad for p in params.values()):
+        raise UserInputError(f"{path} does not match this model's trainable weights (e.g. {missing[:2]}); same config?")
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+    lr_schedule.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    if ema is not None:
+        ema.load_state_dict(torch.load(path / "ema.pt", weights_only=False))
+    rng = torch.load(path / f"rng-rank{accelerator.process_index}.pt", weights_only=False)
+    restore_rng(rng, noise_generator)
+    return state

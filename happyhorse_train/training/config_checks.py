@@ -1,0 +1,71 @@
+"""Checks on a training config's values and paths, run before anything loads, one clear line per problem.
+
+(Unknown keys and wrong types are caught earlier by the structured schema in happyhorse_train/config.py.)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from happyhorse_train.errors import UserInputError
+
+CHOICES = {
+    "trainer.mode": ("lora", "full"),
+    "trainer.mixed_precision": ("bf16", "fp16", "no"),
+    "lora.init": ("default", "gaussian", "pissa", "olora"),
+    "flow.sigma_sampling": ("uniform", "logit_normal", "mode"),
+    "flow.loss_weighting": ("none", "cosmap", "sigma_sqrt"),
+    "optimizer.name": ("adamw", "adamw8bit"),
+    "optimizer.scheduler": ("constant", "linear", "cosine"),
+    "logging.logger": ("wandb", "tensorboard", "none"),
+    "logging.wandb_mode": ("offline", "online"),
+}
+
+
+def _get(cfg, dotted: str):
+    value = cfg
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+def check_train_config(cfg) -> None:
+    problems = []
+    for key, allowed in CHOICES.items():
+        if _get(cfg, key) not in allowed:
+            problems.append(f"{key}={_get(cfg, key)!r}: use one of {', '.join(allowed)}")
+    positive = ["trainer.max_steps", "trainer.gradient_accumulation_steps", "data.batch_size", "optimizer.lr"]
+    if cfg.trainer.mode == "lora":
+        positive += ["lora.rank", "lora.alpha"]
+    problems += [f"{key}={_get(cfg, key)}: must be greater than 0" for key in positive if not _get(cfg, key) > 0]
+    for key in ("data.caption_dropout", "lora.dropout"):
+        if not 0 <= _get(cfg, key) < 1:
+            problems.append(f"{key}={_get(cfg, key)}: must be in [0, 1)")
+    if cfg.trainer.ema and not 0 < cfg.trainer.ema_decay < 1:
+        problems.append(f"trainer.ema_decay={cfg.trainer.ema_decay}: must be in (0, 1)")
+    if cfg.validation.every and cfg.validation.prompts:
+        frames, height, width = cfg.validation.num_frames, cfg.validation.height, cfg.validation.width
+        if frames < 1 or (frames - 1) % 4:
+            problems.append(f"validation.num_frames={frames}: must be 4k+1 (e.g. {max(1, (frames - 1) // 4 * 4 + 1)})")
+        for key, size in (("validation.height", height), ("validation.width", width)):
+            if size <= 0 or size % 16:
+                problems.append(f"{key}={size}: must be a multiple of 16")
+    if cfg.model.path is None:
+        problems.append("model.path is not set: point it at a diffusers-layout model folder")
+    dataset = Path(cfg.data.dataset)
+    if not (dataset / "manifest.parquet").is_file():
+        problems.append(f"data.dataset={dataset}: not a clip dataset folder (run data_tools/prepare_clips.py)")
+    if problems:
+        raise UserInputError("bad training config:\n  " + "\n  ".join(problems))
+    check_writable(Path(cfg.output_dir))
+
+
+def check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise UserInputError(f"output_dir={folder} is not writable ({error.strerror})") from error

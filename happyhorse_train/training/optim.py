@@ -1,0 +1,20 @@
+"""Optimizer and learning-rate schedule from the config."""
+
+from __future__ import annotations
+
+import torch
+from diffusers.optimization import get_scheduler
+
+
+def build_optimizer(parameters: list[torch.nn.Parameter], cfg) -> torch.optim.Optimizer:
+    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps)
+    if cfg.name == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(parameters, **kwargs)
+    return torch.optim.AdamW(parameters, **kwargs)
+
+
+def build_lr_schedule(optimizer: torch.optim.Optimizer, cfg, max_steps: int):
+    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[cfg.scheduler]
+    return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=max_steps)
