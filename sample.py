@@ -9,12 +9,11 @@ Every option: configs/sample.yaml. Videos go to `output_dir` (default samples/).
 from __future__ import annotations
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
 from happyhorse_train.config import register_configs
 from happyhorse_train.errors import UserInputError, report_user_errors
-from happyhorse_train.evaluation.videos import save_videos
+from happyhorse_train.evaluation.videos import render_prompts, save_videos
 from happyhorse_train.models.happyhorse import load_pipeline
 from happyhorse_train.models.happyhorse.lora import apply_loras
 from happyhorse_train.runtime import resolve_device, resolve_dtype
@@ -34,18 +33,7 @@ def main(cfg: DictConfig) -> None:
     apply_loras(pipe, list(cfg.loras), list(cfg.lora_scales))
 
     pipe.latent_shape(cfg.height, cfg.width, cfg.num_frames)  # fail on a bad size before encoding anything
-    generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    videos = pipe(
-        prompt=list(cfg.prompts),
-        negative_prompt=cfg.negative_prompt,
-        height=cfg.height,
-        width=cfg.width,
-        num_frames=cfg.num_frames,
-        num_inference_steps=cfg.num_inference_steps,
-        guidance_scale=cfg.guidance_scale,
-        max_sequence_length=cfg.max_sequence_length,
-        generator=generator,
-    ).frames
+    videos = render_prompts(pipe, list(cfg.prompts), cfg)
     for path in save_videos(videos, list(cfg.prompts), cfg.output_dir, cfg.fps, tag=f"_seed{cfg.seed}"):
         print(f"wrote {path}")
 

@@ -125,6 +125,7 @@ class ValidationConfig:
     num_frames: int = 17
     num_inference_steps: int = 20
     guidance_scale: float = "${model.sample.guidance_scale}"  # type: ignore[assignment]
+    max_sequence_length: int = "${data.max_sequence_length}"  # type: ignore[assignment]
     seed: int = 0
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from happyhorse_train.evaluation.videos import save_videos
+from happyhorse_train.evaluation.videos import render_prompts, save_videos
 
 
 @torch.no_grad()
@@ -21,16 +21,7 @@ def render_validation(pipe, cfg, folder: Path, autocast) -> list[Path]:
     transformer.eval()
     try:
         with autocast():
-            videos = pipe(
-                prompt=list(cfg.prompts),
-                negative_prompt=cfg.negative_prompt,
-                height=cfg.height,
-                width=cfg.width,
-                num_frames=cfg.num_frames,
-                num_inference_steps=cfg.num_inference_steps,
-                guidance_scale=cfg.guidance_scale,
-                generator=torch.Generator("cpu").manual_seed(cfg.seed),
-            ).frames
+            videos = render_prompts(pipe, list(cfg.prompts), cfg)
     finally:
         transformer.train(was_training)
     return save_videos(videos, list(cfg.prompts), folder, fps=24)

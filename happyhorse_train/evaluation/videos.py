@@ -32,3 +32,22 @@ def save_videos(videos: np.ndarray, prompts: list[str], folder: str | Path, fps:
         export_to_video(list(video), str(path), fps=fps)
         paths.append(path)
     return paths
+
+
+def render_prompts(pipe, prompts: list[str], settings) -> np.ndarray:
+    """Videos for `prompts`, as sample.py and validation both render them: `settings` carries
+    negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale,
+    max_sequence_length and seed (the generator is a fresh CPU one, so results do not depend on device)."""
+    import torch
+
+    return pipe(
+        prompt=list(prompts),
+        negative_prompt=settings.negative_prompt,
+        height=settings.height,
+        width=settings.width,
+        num_frames=settings.num_frames,
+        num_inference_steps=settings.num_inference_steps,
+        guidance_scale=settings.guidance_scale,
+        max_sequence_length=settings.max_sequence_length,
+        generator=torch.Generator("cpu").manual_seed(settings.seed),
+    ).frames
