@@ -14,8 +14,9 @@ from omegaconf import DictConfig
 from happyhorse_train.config import register_configs
 from happyhorse_train.errors import UserInputError, report_user_errors
 from happyhorse_train.evaluation.videos import render_prompts, save_videos
-from happyhorse_train.models.happyhorse import load_pipeline
+from happyhorse_train.models.geometry import video_latent_shape
 from happyhorse_train.models.happyhorse.lora import apply_loras
+from happyhorse_train.models.spec import get_spec
 from happyhorse_train.runtime import resolve_device, resolve_dtype
 
 register_configs()
@@ -29,10 +30,11 @@ def main(cfg: DictConfig) -> None:
     if cfg.model.path is None:
         raise UserInputError(f"model.path is not set: point it at a {cfg.model.preset} diffusers-layout model folder")
     device = resolve_device(cfg.device)
-    pipe = load_pipeline(cfg.model.path, device, resolve_dtype(cfg.dtype, device))
+    spec = get_spec(cfg.model.backbone, cfg.max_sequence_length)
+    pipe = spec.load_pipeline(cfg.model.path, device, resolve_dtype(cfg.dtype, device))
     apply_loras(pipe, list(cfg.loras), list(cfg.lora_scales))
 
-    pipe.latent_shape(cfg.height, cfg.width, cfg.num_frames)  # fail on a bad size before encoding anything
+    video_latent_shape(pipe, cfg.height, cfg.width, cfg.num_frames)  # fail on a bad size before encoding anything
     videos = render_prompts(pipe, list(cfg.prompts), cfg)
     for path in save_videos(videos, list(cfg.prompts), cfg.output_dir, cfg.fps, tag=f"_seed{cfg.seed}"):
         print(f"wrote {path}")

@@ -33,14 +33,14 @@ def main(argv: list[str] | None = None) -> None:
     from happyhorse_train.data.cache import LatentCache
     from happyhorse_train.data.caching import fill_cache
     from happyhorse_train.data.prepare import load_manifest
-    from happyhorse_train.models.happyhorse import load_pipeline
-    from happyhorse_train.models.happyhorse.clip_encoder import HappyHorseClipEncoder
+    from happyhorse_train.models.spec import spec_for_folder
     from happyhorse_train.runtime import distributed_state, resolve_dtype
 
     state = distributed_state()
     manifest = load_manifest(args.dataset)
-    pipe = load_pipeline(args.model, state.device, resolve_dtype(args.dtype, state.device))
-    encoder = HappyHorseClipEncoder(pipe, args.model, args.max_sequence_length)
+    spec = spec_for_folder(args.model, args.max_sequence_length)
+    pipe = spec.load_pipeline(args.model, state.device, resolve_dtype(args.dtype, state.device))
+    encoder = spec.clip_encoder(pipe, args.model)
     cache = LatentCache(args.cache or args.dataset / "cache")
 
     stats = fill_cache(

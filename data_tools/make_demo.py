@@ -1,4 +1,4 @@
-"""Write the demo: a random tiny HappyHorse checkpoint (diffusers layout) and a few synthetic captioned clips.
+"""Write the demo: a random checkpoint of a preset (tiny HappyHorse by default, diffusers layout) and a few synthetic captioned clips.
 
     python data_tools/make_demo.py                 # -> demo/model and demo/clips
     python data_tools/make_demo.py --out /tmp/demo --preset tiny --seed 0
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     model_dir = write_random_checkpoint(args.out / "model", args.preset, args.seed)
-    print(f"wrote a random {args.preset} HappyHorse checkpoint to {model_dir}")
+    print(f"wrote a random {args.preset} checkpoint to {model_dir}")
     if not args.skip_clips:
         clips = write_demo_clips(args.out / "clips")
         print(f"wrote {len(clips)} captioned clips to {args.out / 'clips'}")

@@ -1,4 +1,4 @@
-"""Build a random HappyHorse checkpoint from a preset and save it as a real diffusers-layout folder.
+"""Build a random checkpoint of a preset (any backbone) and save it as a real diffusers-layout folder.
 
 Every component, the tokenizer included, is made here from the preset: nothing is downloaded.
 """
@@ -12,9 +12,8 @@ from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
-from happyhorse_train.models.happyhorse.pipeline import HappyHorsePipeline
-from happyhorse_train.models.happyhorse.transformer import HappyHorseTransformer3DModel
 from happyhorse_train.models.presets import load_preset
+from happyhorse_train.models.spec import get_spec
 
 # The tokenizer learns its merges from these words; byte-level BPE still encodes any text at all.
 TOKENIZER_CORPUS = [
@@ -60,7 +59,7 @@ def _like_a_trained_vae(vae: AutoencoderKLWan, z_dim: int) -> None:
         vae.quant_conv.bias[:z_dim] *= 5.0
 
 
-def build_random_pipeline(preset: dict | str, seed: int = 0) -> HappyHorsePipeline:
+def build_random_pipeline(preset: dict | str, seed: int = 0):
     """Random-weight components sized by the preset, in float32 on the CPU, in eval mode as from_pretrained gives them.
 
     (Freshly built modules start in training mode, where the text encoder's dropout would make sampling random.)
@@ -74,8 +73,9 @@ def build_random_pipeline(preset: dict | str, seed: int = 0) -> HappyHorsePipeli
     text_config = UMT5Config(
         **{**preset["text_encoder"], "vocab_size": len(tokenizer)}, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0
     )
-    return HappyHorsePipeline(
-        transformer=HappyHorseTransformer3DModel(**preset["transformer"]).eval(),
+    spec = get_spec(preset["backbone"])
+    return spec.pipeline_class(
+        transformer=spec.transformer_class(**preset["transformer"]).eval(),
         vae=vae.eval(),
         text_encoder=UMT5EncoderModel(text_config).eval(),
         tokenizer=tokenizer,

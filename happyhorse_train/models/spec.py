@@ -1,31 +1,53 @@
-"""The boundary between a backbone and the generic code: everything the trainer, cache and validation
-need to know about a model, and nothing else. Each backbone implements one `ModelSpec`; the loop never
-branches on which backbone it has."""
+"""The boundary between a backbone and the generic code: everything the trainer, cache, sample.py and
+validation need to know about a model, and nothing else. Each backbone implements one `ModelSpec`; no
+generic code branches on which backbone it has."""
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
+
+from happyhorse_train.files import write_atomic
+from happyhorse_train.models.layout import check_model_folder
+from happyhorse_train.models.lora_formats import (
+    DIFFUSERS_PREFIX,
+    Renames,
+    check_lora_matches,
+    diffusers_to_comfyui,
+    pack_adapter_metadata,
+)
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+COMFYUI_WEIGHT_NAME = "comfyui_lora.safetensors"
+LORA_FORMATS = ("diffusers", "comfyui")
 
 
 class ModelSpec(ABC):
     name: str
-    # Module-name patterns (peft `target_modules`, regex allowed) a LoRA targets when the config names none.
+    pipeline_class: type  # a diffusers DiffusionPipeline subclass; its `transformer` is what trains
+    transformer_class: type  # the pipeline's transformer class (to build random checkpoints of a preset)
+    components: tuple[str, ...] = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+    # Module-name suffixes (peft `target_modules`) a LoRA adapts when the config names none.
     default_lora_targets: list[str]
+    # diffusers module-name fragments -> the model's original ones, for ComfyUI-layout LoRA files.
+    comfyui_renames: Renames = []
 
-    @abstractmethod
+    def __init__(self, max_sequence_length: int = 512):
+        self.max_sequence_length = max_sequence_length  # prompt tokens, as the pipeline encodes them
+
     def load_pipeline(self, path: str | Path, device: torch.device, dtype: torch.dtype):
-        """The inference pipeline users run, with every component; its `transformer` is what trains."""
+        """The inference pipeline users run, from a diffusers-layout folder; the VAE stays float32."""
+        folder = check_model_folder(path, self.pipeline_class.__name__, self.components)
+        pipe = self.pipeline_class.from_pretrained(folder, dtype={"default": dtype, "vae": torch.float32})
+        return pipe.to(device)
 
     @abstractmethod
-    def clip_encoder(self, pipe, path: str | Path, max_sequence_length: int):
+    def clip_encoder(self, pipe, path: str | Path):
         """A `happyhorse_train.data.caching.ClipEncoder` over the pipeline's VAE and text encoder."""
-
-    @abstractmethod
-    def normalize_latents(self, pipe, latents: torch.Tensor) -> torch.Tensor:
-        """VAE latents -> the space the transformer denoises in."""
 
     @abstractmethod
     def predict_velocity(
@@ -36,15 +58,50 @@ class ModelSpec(ABC):
         text_states: torch.Tensor,
         text_mask: torch.Tensor,
     ) -> torch.Tensor:
-        """One training forward: the flow-matching velocity for (batch, channels, frames, height, width) latents."""
+        """One training forward: the flow-matching velocity for normalized (B, C, T, H, W) latents, with the
+        text conditioning prepared exactly as the backbone's pipeline prepares it at inference."""
 
-    @abstractmethod
+    def normalize_latents(self, pipe, latents: torch.Tensor) -> torch.Tensor:
+        """VAE latents -> the space the transformer denoises in: per-channel (z - mean) / std from the VAE config."""
+        shape = (1, -1, 1, 1, 1)
+        mean = torch.tensor(pipe.vae.config.latents_mean, device=latents.device).view(shape)
+        std = torch.tensor(pipe.vae.config.latents_std, device=latents.device).view(shape)
+        return ((latents.float() - mean) / std).to(latents.dtype)
+
     def num_tokens(self, transformer: torch.nn.Module, latent_shape: tuple[int, ...]) -> int:
-        """Video tokens one sample of this latent shape becomes (for throughput and resolution-dependent shift)."""
+        """Video tokens one sample of this latent shape becomes (throughput, resolution-dependent shift)."""
+        pt, ph, pw = transformer.config.patch_size
+        t, h, w = latent_shape[-3:]
+        return (t // pt) * (h // ph) * (w // pw)
 
-    @abstractmethod
-    def save_lora(self, path: Path, lora_state_dict: dict, adapter_metadata: dict, extra_metadata: dict) -> None:
-        """Write a LoRA file that this backbone's pipeline loads with `load_lora_weights`."""
+    def save_lora(
+        self,
+        folder: Path,
+        transformer: torch.nn.Module,
+        lora_state_dict: dict[str, torch.Tensor],
+        adapter_metadata: dict,
+        extra_metadata: dict,
+        formats: tuple[str, ...] = ("diffusers",),
+    ) -> list[Path]:
+        """Write the LoRA in each layout asked for (lora_formats.py describes them). Every key is first
+        checked against `transformer`, so a file that would not load is never written."""
+        tensors = {f"{DIFFUSERS_PREFIX}{k}": v.detach().contiguous().cpu() for k, v in lora_state_dict.items()}
+        check_lora_matches(tensors, transformer, "the LoRA being saved")
+        extra = {key: json.dumps(value, sort_keys=True, default=str) for key, value in extra_metadata.items()}
+        folder.mkdir(parents=True, exist_ok=True)
+        written = []
+        if "diffusers" in formats:
+            header = {"format": "pt", "lora_adapter_metadata": pack_adapter_metadata(adapter_metadata), **extra}
+            written.append(self._write(folder / LORA_WEIGHT_NAME, tensors, header))
+        if "comfyui" in formats:
+            comfy = diffusers_to_comfyui(tensors, adapter_metadata["lora_alpha"], self.comfyui_renames)
+            written.append(self._write(folder / COMFYUI_WEIGHT_NAME, comfy, {"format": "pt", **extra}))
+        return written
+
+    @staticmethod
+    def _write(path: Path, tensors: dict, header: dict) -> Path:
+        write_atomic(path, lambda temporary: save_file(tensors, str(temporary), metadata=header))
+        return path
 
 
 _REGISTRY: dict[str, type[ModelSpec]] = {}
@@ -55,9 +112,27 @@ def register_backbone(cls: type[ModelSpec]) -> type[ModelSpec]:
     return cls
 
 
-def get_spec(backbone: str) -> ModelSpec:
-    import happyhorse_train.models.happyhorse.spec  # noqa: F401  (registers itself)
+def _register_all() -> None:
+    import happyhorse_train.models.happyhorse.spec  # noqa: F401  (each backbone registers itself)
+    import happyhorse_train.models.wan  # noqa: F401
 
+
+def get_spec(backbone: str, max_sequence_length: int = 512) -> ModelSpec:
+    _register_all()
     if backbone not in _REGISTRY:
         raise ValueError(f"unknown backbone {backbone!r}; known: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[backbone]()
+    return _REGISTRY[backbone](max_sequence_length)
+
+
+def spec_for_folder(path: str | Path, max_sequence_length: int = 512) -> ModelSpec:
+    """The spec whose pipeline class a model folder's model_index.json names."""
+    _register_all()
+    index = Path(path) / "model_index.json"
+    class_name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    for spec_class in _REGISTRY.values():
+        if spec_class.pipeline_class.__name__ == class_name:
+            return spec_class(max_sequence_length)
+    from happyhorse_train.errors import UserInputError
+
+    known = ", ".join(c.pipeline_class.__name__ for c in _REGISTRY.values())
+    raise UserInputError(f"{path}: no backbone for a model folder of class {class_name!r} (known: {known})")

@@ -16,8 +16,8 @@ import torch
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, LoraBaseMixin
 
 from happyhorse_train.errors import UserInputError
-
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+from happyhorse_train.models.lora_formats import check_lora_matches
+from happyhorse_train.models.spec import LORA_WEIGHT_NAME
 
 
 def resolve_lora_file(path: str | Path, weight_name: str | None = None) -> Path:
@@ -39,40 +39,6 @@ def read_lora_file(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
         raise UserInputError(f"{path} is not a readable safetensors LoRA file ({error})") from error
     raw = header.get(LORA_ADAPTER_METADATA_KEY)
     return state_dict, (json.loads(raw) if raw else None)
-
-
-def check_lora_matches(state_dict: dict[str, torch.Tensor], model: torch.nn.Module, prefix: str, source: str) -> None:
-    """Raise a UserInputError unless every LoRA pair in `state_dict` fits a Linear of `model`.
-
-    peft would otherwise skip unknown modules with a warning, or fail deep inside with a shape error.
-    """
-    modules = dict(model.named_modules())
-    problems, pairs = [], 0
-    for key, down in state_dict.items():
-        if not key.endswith(".lora_A.weight"):
-            continue
-        pairs += 1
-        name = key.removeprefix(f"{prefix}.").removesuffix(".lora_A.weight")
-        up = state_dict.get(key.replace(".lora_A.", ".lora_B."))
-        target = modules.get(name)
-        target = getattr(target, "base_layer", target)  # a layer that already carries an adapter is wrapped by peft
-        if not isinstance(target, torch.nn.Linear):
-            problems.append(f"no linear layer {name!r} in this model")
-        elif up is None:
-            problems.append(f"{name}: lora_B is missing")
-        elif down.shape[1] != target.in_features or up.shape[0] != target.out_features:
-            problems.append(
-                f"{name}: LoRA maps {down.shape[1]}->{up.shape[0]} features, the model layer "
-                f"{target.in_features}->{target.out_features}"
-            )
-    if pairs == 0:
-        raise UserInputError(f"{source} holds no LoRA weights (no '*.lora_A.weight' keys)")
-    if problems:
-        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
-        raise UserInputError(
-            f"{source} does not fit this model ({type(model).__name__}): {len(problems)} of {pairs} LoRA layers "
-            f"do not match: {shown}. Was it trained for another model or preset?"
-        )
 
 
 class HappyHorseLoraLoaderMixin(LoraBaseMixin):
@@ -115,7 +81,7 @@ class HappyHorseLoraLoaderMixin(LoraBaseMixin):
             pretrained_model_name_or_path_or_dict, weight_name=kwargs.pop("weight_name", None), return_lora_metadata=True
         )
         transformer = getattr(self, self.transformer_name)
-        check_lora_matches(state_dict, transformer, self.transformer_name, source)
+        check_lora_matches(state_dict, transformer, source)
         transformer.load_lora_adapter(
             state_dict, prefix=self.transformer_name, adapter_name=adapter_name, metadata=metadata, _pipeline=self
         )

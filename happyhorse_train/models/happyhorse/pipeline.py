@@ -14,6 +14,7 @@ from diffusers.video_processor import VideoProcessor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from happyhorse_train.errors import UserInputError
+from happyhorse_train.models.geometry import video_latent_shape
 from happyhorse_train.models.happyhorse.lora import HappyHorseLoraLoaderMixin
 from happyhorse_train.models.happyhorse.transformer import HappyHorseTransformer3DModel
 
@@ -52,25 +53,7 @@ class HappyHorsePipeline(DiffusionPipeline, HappyHorseLoraLoaderMixin):
 
     def latent_shape(self, height: int, width: int, num_frames: int) -> tuple[int, int, int, int]:
         """(channels, frames, height, width) of the latent for a video request; raises on sizes that do not fit."""
-        spatial = self.vae_scale_factor_spatial
-        temporal = self.vae_scale_factor_temporal
-        _, patch_h, patch_w = self.transformer.config.patch_size
-        for name, size, patch in (("height", height, patch_h), ("width", width, patch_w)):
-            if size <= 0 or size % (spatial * patch):
-                multiple = spatial * patch
-                lower, upper = max(size // multiple * multiple, multiple), (size // multiple + 1) * multiple
-                raise UserInputError(
-                    f"{name}={size} does not fit the model: it must be a multiple of {multiple} "
-                    f"(VAE {spatial}x times patch {patch}); try {lower} or {upper}"
-                )
-        if num_frames < 1 or (num_frames - 1) % temporal:
-            lower = max((num_frames - 1) // temporal * temporal + 1, 1)
-            raise UserInputError(
-                f"num_frames={num_frames} is not of the form {temporal}k+1 (the VAE compresses time {temporal}x); "
-                f"try {lower} or {lower + temporal}"
-            )
-        channels = self.transformer.config.in_channels
-        return channels, (num_frames - 1) // temporal + 1, height // spatial, width // spatial
+        return video_latent_shape(self, height, width, num_frames)
 
     # --- conditioning ---------------------------------------------------------------------------
 
