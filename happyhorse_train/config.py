@@ -71,6 +71,7 @@ class LoraConfig:
     dropout: float = 0.0
     target_modules: Optional[list[str]] = None
     init: str = "default"
+    save_formats: list[str] = field(default_factory=lambda: ["diffusers"])
 
 
 @dataclass

@@ -19,6 +19,13 @@ def demo_model_dir(tmp_path_factory) -> Path:
     return write_random_checkpoint(tmp_path_factory.mktemp("demo") / "model", "tiny", seed=0)
 
 
+@pytest.fixture(scope="session")
+def wan_model_dir(tmp_path_factory) -> Path:
+    from happyhorse_train.demo.checkpoint import write_random_checkpoint
+
+    return write_random_checkpoint(tmp_path_factory.mktemp("wan") / "model", "wan-tiny", seed=0)
+
+
 def run_script(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """Run one of the repo's entry points as a user would, in a fresh interpreter."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

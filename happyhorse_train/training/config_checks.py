@@ -42,6 +42,11 @@ def check_train_config(cfg) -> None:
     for key in ("data.caption_dropout", "lora.dropout"):
         if not 0 <= _get(cfg, key) < 1:
             problems.append(f"{key}={_get(cfg, key)}: must be in [0, 1)")
+    from happyhorse_train.models.spec import LORA_FORMATS
+
+    for layout in cfg.lora.save_formats:
+        if layout not in LORA_FORMATS:
+            problems.append(f"lora.save_formats has {layout!r}: use any of {', '.join(LORA_FORMATS)}")
     if cfg.trainer.ema and not 0 < cfg.trainer.ema_decay < 1:
         problems.append(f"trainer.ema_decay={cfg.trainer.ema_decay}: must be in (0, 1)")
     if cfg.validation.every and cfg.validation.prompts:

@@ -22,6 +22,7 @@ from happyhorse_train.data.sampler import BucketBatchSampler
 from happyhorse_train.errors import UserInputError
 from happyhorse_train.evaluation.loggers import RunLog
 from happyhorse_train.evaluation.validation import render_validation
+from happyhorse_train.models.geometry import video_latent_shape
 from happyhorse_train.models.spec import get_spec
 from happyhorse_train.training import flow_matching as fm
 from happyhorse_train.training.adapters import make_trainable, trainable_parameters
@@ -56,15 +57,21 @@ def train(cfg) -> Path:
     rank, world = accelerator.process_index, accelerator.num_processes
 
     # --- the model and the data -----------------------------------------------------------------
-    spec = get_spec(cfg.model.backbone)
+    spec = get_spec(cfg.model.backbone, cfg.data.max_sequence_length)
     # A LoRA's frozen base loads straight in the compute dtype (an 8B float32 copy would be 32 GB of host RAM);
     # a full fine-tune keeps float32 master weights.
     load_dtype = compute_dtype if cfg.trainer.mode == "lora" else torch.float32
     pipe = spec.load_pipeline(cfg.model.path, accelerator.device, load_dtype)
     pipe.set_progress_bar_config(disable=True)
     manifest = load_manifest(cfg.data.dataset)
+    for bucket in sorted(set(manifest["bucket"])):  # before any encoding: a shape the model cannot take fails here
+        frames, height, width = (int(part) for part in bucket.split("x"))
+        try:
+            video_latent_shape(pipe, height, width, frames)
+        except UserInputError as error:
+            raise UserInputError(f"dataset bucket {bucket} does not fit {cfg.model.preset}: {error}") from error
     cache = LatentCache(cfg.data.cache or Path(cfg.data.dataset) / "cache")
-    encoder = spec.clip_encoder(pipe, cfg.model.path, cfg.data.max_sequence_length)
+    encoder = spec.clip_encoder(pipe, cfg.model.path)
     fill_cache(manifest, cache, encoder, rank, world, progress=accelerator.is_local_main_process)
     accelerator.wait_for_everyone()
     cache.refresh()
@@ -186,9 +193,11 @@ def train(cfg) -> Path:
         if lora_config is not None:
             spec.save_lora(
                 output_dir / "lora",
+                transformer,
                 get_peft_model_state_dict(transformer),
                 lora_config.to_dict(),
                 {"happyhorse_train": {"config": OmegaConf.to_container(cfg, resolve=True), "step": state.step}},
+                formats=tuple(cfg.lora.save_formats),
             )
             accelerator.print(f"wrote the LoRA to {output_dir / 'lora'}")
         else:

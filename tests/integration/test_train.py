@@ -169,10 +169,14 @@ def test_a_lora_trained_on_another_model_is_refused(demo_run, tmp_path):
     assert result.returncode == 2 and "does not fit this model" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("backbone", ["tiny", "wan-tiny"])
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml")))
-def test_every_shipped_experiment_trains_two_steps_on_the_tiny_model(experiment, dataset, demo_model_dir, tmp_path):
+def test_every_shipped_experiment_trains_two_steps_on_the_tiny_models(
+    experiment, backbone, dataset, demo_model_dir, wan_model_dir, tmp_path
+):
+    model_dir = demo_model_dir if backbone == "tiny" else wan_model_dir
     result = run_script(
-        "train.py", f"+experiment={experiment}", "model=tiny", f"model.path={demo_model_dir}",
+        "train.py", f"+experiment={experiment}", f"model={backbone}", f"model.path={model_dir}",
         f"data.dataset={dataset}", f"output_dir={tmp_path}", "trainer.max_steps=2", "data.max_sequence_length=32",
         "validation.every=2", "validation.height=32", "validation.width=48", "validation.num_frames=5",
         "validation.num_inference_steps=2", "logging.wandb_mode=offline",
@@ -228,3 +232,18 @@ def test_wandb_offline_and_tensorboard_receive_the_metrics(dataset, demo_model_d
         scalars.update({tag: accumulator.Scalars(tag) for tag in accumulator.Tags()["scalars"]})
     assert [event.step for event in scalars["loss"]] == [1, 2]
     assert scalars["loss"][0].value == read_metrics(tmp_path / "tb" / "metrics.jsonl")[0]["loss"]
+
+
+def test_a_bucket_the_model_cannot_take_is_refused_before_encoding(demo_model_dir, tmp_path):
+    import pandas as pd
+
+    dataset = make_dataset(tmp_path, DEMO_CLIPS[:2])
+    # A 40-pixel-high bucket: a multiple of the VAE's 8, not of 16 (VAE x patch). ClipRules refuses to make
+    # one, so the manifest is edited, as a dataset made for another model would differ.
+    manifest = pd.read_parquet(dataset / "manifest.parquet")
+    manifest["bucket"], manifest["bucket_height"] = "9x40x48", 40
+    manifest.to_parquet(dataset / "manifest.parquet")
+    result = train(f"model.path={demo_model_dir}", f"data.dataset={dataset}", f"output_dir={tmp_path / 'out'}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "dataset bucket 9x40x48 does not fit tiny: height=40 does not fit the model" in result.stderr
+    assert not (dataset / "cache").exists()  # nothing was encoded
