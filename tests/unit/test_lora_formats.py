@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+from happyhorse_train.errors import UserInputError
+from happyhorse_train.models import lora_formats as formats
+from happyhorse_train.models.spec import get_spec
+
+
+def random_lora(modules: list[str], rank: int = 4) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for module in modules:
+        tensors[f"transformer.{module}.lora_A.weight"] = torch.randn(rank, 8)
+        tensors[f"transformer.{module}.lora_B.weight"] = torch.randn(8, rank)
+    return tensors
+
+
+@pytest.mark.parametrize(
+    "backbone, module, comfy_module",
+    [
+        ("wan", "blocks.3.attn1.to_out.0", "blocks.3.self_attn.o"),
+        ("wan", "blocks.0.attn2.to_k", "blocks.0.cross_attn.k"),
+        ("wan", "blocks.1.ffn.net.0.proj", "blocks.1.ffn.0"),
+        ("wan", "proj_out", "head.head"),
+        ("wan", "condition_embedder.time_embedder.linear_2", "time_embedding.2"),
+        ("happyhorse", "blocks.0.text.attn.to_out", "blocks.0.text.attn.to_out"),  # ComfyUI has no native names for it
+    ],
+)
+def test_key_rules_and_exact_round_trip(backbone, module, comfy_module):
+    renames = get_spec(backbone).comfyui_renames
+    lora = random_lora([module, "blocks.9.attn1.to_q" if backbone == "wan" else "blocks.9.shared.ff.up_proj"])
+    comfy = formats.diffusers_to_comfyui(lora, alpha=2.0, renames=renames)
+    assert torch.equal(comfy[f"diffusion_model.{comfy_module}.lora_down.weight"], lora[f"transformer.{module}.lora_A.weight"])
+    assert torch.equal(comfy[f"diffusion_model.{comfy_module}.lora_up.weight"], lora[f"transformer.{module}.lora_B.weight"])
+    assert comfy[f"diffusion_model.{comfy_module}.alpha"].item() == 2.0
+    back, alpha = formats.comfyui_to_diffusers(comfy, renames)
+    assert alpha == 2.0 and back.keys() == lora.keys() and all(torch.equal(back[k], lora[k]) for k in lora)
+
+
+def test_renames_touch_whole_segments_only():
+    renames = get_spec("wan").comfyui_renames
+    assert formats._rename("blocks.1.attn1.to_q", renames) == "blocks.1.self_attn.q"
+    assert formats._rename("blocks.1.attn10.to_q", renames) == "blocks.1.attn10.to_q"  # not a prefix match
+
+
+def test_mixed_alphas_and_foreign_keys_are_refused():
+    comfy = formats.diffusers_to_comfyui(random_lora(["a", "b"]), 1.0, [])
+    comfy["diffusion_model.b.alpha"] = torch.tensor(3.0)
+    with pytest.raises(UserInputError, match="different alphas"):
+        formats.comfyui_to_diffusers(comfy, [])
+    with pytest.raises(UserInputError, match="not a ComfyUI LoRA key"):
+        formats.comfyui_to_diffusers({"lora_unet_x.lora_down.weight": torch.zeros(1)}, [])
