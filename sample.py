@@ -1,4 +1,4 @@
-"""Render videos from a HappyHorse model folder, optionally with LoRAs.
+"""Render videos from a model folder (HappyHorse-1.0 or Wan), optionally with LoRAs.
 
     python sample.py model.path=demo/model 'prompts=["a blue square moving top to bottom"]'
     python sample.py model=8b model.path=/models/happyhorse-1.0 'loras=[out/style.safetensors]' 'lora_scales=[0.8]'
@@ -15,7 +15,7 @@ from happyhorse_train.config import register_configs
 from happyhorse_train.errors import UserInputError, report_user_errors
 from happyhorse_train.evaluation.videos import render_prompts, save_videos
 from happyhorse_train.models.geometry import video_latent_shape
-from happyhorse_train.models.happyhorse.lora import apply_loras
+from happyhorse_train.models.lora_formats import apply_loras
 from happyhorse_train.models.spec import get_spec
 from happyhorse_train.runtime import resolve_device, resolve_dtype
 

@@ -1,4 +1,5 @@
-"""LoRA file layouts, the conversion between them, and the check that a LoRA fits a model.
+"""LoRA file layouts, the conversion between them, the check that a LoRA fits a model, and applying
+several LoRA files to a pipeline.
 
 diffusers layout (what `pipe.load_lora_weights` reads):
     transformer.<diffusers module>.lora_A.weight   (rank, in)
@@ -107,3 +108,16 @@ def check_lora_matches(state_dict: dict[str, torch.Tensor], model: torch.nn.Modu
             f"{source} does not fit this model ({type(model).__name__}): {len(problems)} of {pairs} LoRA layers "
             f"do not match: {shown}. Was it trained for another model or preset?"
         )
+
+
+def apply_loras(pipe, paths: list[str], scales: list[float]) -> list[str]:
+    """Load each LoRA as its own adapter of any diffusers pipeline with LoRA support (HappyHorsePipeline,
+    WanPipeline) and activate them together with their weights; returns the adapter names."""
+    if scales and len(scales) != len(paths):
+        raise UserInputError(f"{len(scales)} lora_scales for {len(paths)} loras; give one scale per LoRA or none")
+    names = [f"lora_{index}" for index in range(len(paths))]
+    for name, path in zip(names, paths):
+        pipe.load_lora_weights(path, adapter_name=name)
+    if names:
+        pipe.set_adapters(names, adapter_weights=list(scales) or [1.0] * len(names))
+    return names

@@ -10,7 +10,7 @@ import torch
 from happyhorse_train.demo.checkpoint import write_random_checkpoint
 from happyhorse_train.errors import UserInputError
 from happyhorse_train.models.happyhorse import load_pipeline
-from happyhorse_train.models.happyhorse.lora import apply_loras
+from happyhorse_train.models.lora_formats import apply_loras
 from happyhorse_train.models.presets import load_preset
 from tests.conftest import make_random_lora, run_script
 

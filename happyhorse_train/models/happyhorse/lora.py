@@ -111,14 +111,3 @@ class HappyHorseLoraLoaderMixin(LoraBaseMixin):
     def unfuse_lora(self, components: list[str] = ["transformer"], **kwargs) -> None:  # noqa: B006
         super().unfuse_lora(components=components, **kwargs)
 
-
-def apply_loras(pipe: HappyHorseLoraLoaderMixin, paths: list[str], scales: list[float]) -> list[str]:
-    """Load each LoRA as its own adapter and activate them together with their weights; returns the adapter names."""
-    if scales and len(scales) != len(paths):
-        raise UserInputError(f"{len(scales)} lora_scales for {len(paths)} loras; give one scale per LoRA or none")
-    names = [f"lora_{index}" for index in range(len(paths))]
-    for name, path in zip(names, paths):
-        pipe.load_lora_weights(path, adapter_name=name)
-    if names:
-        pipe.set_adapters(names, adapter_weights=list(scales) or [1.0] * len(names))
-    return names
