@@ -1,4 +1,4 @@
-"""Errors that mean "the user asked for something we cannot do", and how entry points report them."""
+"""Errors that end a command with one clear line instead of a traceback, and how entry points report them."""
 
 from __future__ import annotations
 
@@ -9,21 +9,27 @@ from typing import Callable, TypeVar
 F = TypeVar("F", bound=Callable)
 
 
-class UserInputError(ValueError):
-    """A bad path, config value or file. Entry points print its message on one line, no traceback.
+class ClearError(Exception):
+    """An error whose message says all a user needs; entry points print it on one line, no traceback."""
 
-    It subclasses ValueError so library callers can catch it the way they catch diffusers' own input errors.
-    """
+
+class UserInputError(ClearError, ValueError):
+    """A bad path, config value or file. A ValueError too, so library callers can catch it the way they
+    catch diffusers' own input errors."""
+
+
+class RunHalted(ClearError, RuntimeError):
+    """A run stopped itself on purpose (e.g. too many non-finite steps); what was saved is intact."""
 
 
 def report_user_errors(main: F) -> F:
-    """Wrap an entry point so a `UserInputError` prints `error: <message>` and exits with status 2."""
+    """Wrap an entry point so a `ClearError` prints `error: <message>` and exits with status 2."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
-        except UserInputError as error:
+        except ClearError as error:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(2)
 

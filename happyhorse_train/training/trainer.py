@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from happyhorse_train.data.caching import fill_cache
 from happyhorse_train.data.dataset import CachedClipDataset, collate_clips
 from happyhorse_train.data.prepare import load_manifest
 from happyhorse_train.data.sampler import BucketBatchSampler
-from happyhorse_train.errors import UserInputError
+from happyhorse_train.errors import RunHalted, UserInputError
 from happyhorse_train.evaluation.loggers import RunLog
 from happyhorse_train.evaluation.validation import render_validation
 from happyhorse_train.models.geometry import video_latent_shape
@@ -31,6 +32,26 @@ from happyhorse_train.training.ema import EMA
 from happyhorse_train.training.optim import build_lr_schedule, build_optimizer
 
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
+
+
+class StopRequest:
+    """SIGTERM / SIGINT set a flag; the loop checks it between steps, so the run stops at a checkpoint."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, number, frame) -> None:
+        self.signal_name = signal.Signals(number).name
+
+    def agreed(self, accelerator) -> bool:
+        """True on every process once any process was signalled (a stop on one rank alone would hang the rest)."""
+        flag = torch.tensor(1.0 if self.signal_name else 0.0, device=accelerator.device)
+        return bool(accelerator.reduce(flag, "max").item())
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 @dataclass
@@ -111,6 +132,7 @@ def train(cfg) -> Path:
     progress = tqdm(total=cfg.trainer.max_steps, initial=state.step, desc="training", disable=not accelerator.is_main_process)
     window = {"loss": 0.0, "samples": 0, "tokens": 0, "started": time.perf_counter()}
     micro_step = 0
+    stop = StopRequest()
     while state.step < cfg.trainer.max_steps:
         sampler.set_epoch(state.epoch)
         sampler.load_state_dict({**sampler.state_dict(), "batches_yielded": state.batches_in_epoch})
@@ -136,7 +158,7 @@ def train(cfg) -> Path:
                 state.skipped_steps += 1
                 state.nonfinite_in_a_row += 1
                 if state.nonfinite_in_a_row >= cfg.trainer.max_consecutive_nonfinite:
-                    raise RuntimeError(
+                    raise RunHalted(
                         f"{state.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (at step "
                         f"{state.step}); stopping. Lower optimizer.lr or check the data; the last checkpoint is intact."
                     )
@@ -167,7 +189,8 @@ def train(cfg) -> Path:
             window = {"loss": 0.0, "samples": 0, "tokens": 0, "started": time.perf_counter()}
 
             done = state.step >= cfg.trainer.max_steps
-            if done or (cfg.trainer.checkpoint_every and state.step % cfg.trainer.checkpoint_every == 0):
+            interrupted = not done and stop.agreed(accelerator)
+            if done or interrupted or (cfg.trainer.checkpoint_every and state.step % cfg.trainer.checkpoint_every == 0):
                 trainable = trainable_parameters(transformer)
                 save_checkpoint(
                     accelerator, output_dir, state.step, trainable, optimizer, lr_schedule, ema, noise,
@@ -179,12 +202,22 @@ def train(cfg) -> Path:
                     paths = render_validation(pipe, cfg.validation, folder, accelerator.autocast)
                     run_log.log_videos(paths, list(cfg.validation.prompts), state.step)
                 accelerator.wait_for_everyone()
+            if interrupted:
+                stop.restore()
+                progress.close()
+                run_log.finish()
+                accelerator.print(
+                    f"stopped by {stop.signal_name} at step {state.step}; checkpoint written. "
+                    f"Continue with: resume=latest output_dir={output_dir}"
+                )
+                return output_dir
             if done:
                 break
         else:
             state.epoch += 1
             state.batches_in_epoch = 0
     progress.close()
+    stop.restore()
 
     # --- the result -----------------------------------------------------------------------------
     if ema is not None:

@@ -1,0 +1,91 @@
+"""Real faults, injected into real runs: signals, bad numbers, full disks, corrupt caches, wrong paths."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from happyhorse_train.demo.clips import DEMO_CLIPS
+from tests.conftest import REPO, run_script
+from tests.integration.test_train import FAST, losses, make_dataset, train
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("reliability_data"), DEMO_CLIPS)
+
+
+def common(model: Path, dataset: Path, out: Path, steps: int) -> list[str]:
+    return [f"model.path={model}", f"data.dataset={dataset}", f"output_dir={out}", f"trainer.max_steps={steps}", "data.batch_size=2"]
+
+
+@pytest.mark.parametrize("signal_to_send", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_writes_a_checkpoint_and_resume_matches_an_uninterrupted_run(signal_to_send, dataset, demo_model_dir, tmp_path):
+    steps = 30
+    straight = train(*common(demo_model_dir, dataset, tmp_path / "straight", steps), "trainer.checkpoint_every=0")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    out = tmp_path / "signalled"
+    args = [sys.executable, "train.py", "+experiment=demo", *FAST, *common(demo_model_dir, dataset, out, steps), "trainer.checkpoint_every=0"]
+    process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None and len(losses(out)) < 4:
+        time.sleep(0.02)
+    assert process.poll() is None, "the run ended before it could be signalled"
+    os.kill(process.pid, signal_to_send)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-2000:]
+    stopped_at = len(losses(out))
+    assert f"stopped by {signal_to_send.name} at step {stopped_at}" in stdout and stopped_at < steps
+    assert (out / "checkpoints" / f"step-{stopped_at:08d}").is_dir()
+
+    resumed = train(*common(demo_model_dir, dataset, out, steps), "trainer.checkpoint_every=0", "resume=latest")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert losses(out) == losses(tmp_path / "straight")
+
+
+def test_overflowing_steps_are_skipped_then_the_run_halts_with_finite_state(dataset, demo_model_dir, tmp_path):
+    # lr 1e30: Adam's first step moves every LoRA weight by ~1e30 (still finite); from then on the forward
+    # overflows, so every step's gradient is non-finite and must be skipped, three in a row halting the run.
+    result = train(*common(demo_model_dir, dataset, tmp_path, 20), "optimizer.lr=1e30", "optimizer.max_grad_norm=0",
+                   "trainer.checkpoint_every=1", "trainer.max_consecutive_nonfinite=3")
+    assert result.returncode == 2
+    assert "3 steps in a row had a non-finite loss or gradient (at step 1)" in result.stderr and "Traceback" not in result.stderr
+    checkpoint = tmp_path / "checkpoints" / "step-00000001"
+    assert all(torch.isfinite(t).all() for t in load_file(checkpoint / "trainable.safetensors").values())
+    optimizer = torch.load(checkpoint / "optimizer.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for state in optimizer["state"].values() for v in state.values() if torch.is_tensor(v))
+
+
+def test_a_nan_clip_skips_its_steps_and_training_goes_on(dataset, demo_model_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    from happyhorse_train.data.cache import LatentCache
+
+    cache_dir = tmp_path / "cache"
+    filled = run_script("data_tools/cache_latents.py", str(dataset), "--model", str(demo_model_dir), "--cache", str(cache_dir),
+                        "--max-sequence-length", "32", "--no-progress")
+    assert filled.returncode == 0, filled.stderr[-2000:]
+    cache = LatentCache(cache_dir)
+    # A landscape clip (latent 4 x 6): the lone portrait clip never fills a batch of 2, so it never trains.
+    key = next(k for k in sorted(cache.keys()) if k.startswith("v") and cache.get(k)["mean"].shape[-1] == 6)
+    shard = cache.shard_dir / cache._location[key]
+    tensors = load_file(shard)
+    tensors[f"{key}/mean"] = torch.full_like(tensors[f"{key}/mean"], float("nan"))  # one clip's latents, as a bad encoder might leave them
+    save_file(tensors, str(shard))
+
+    result = train(*common(demo_model_dir, dataset, tmp_path / "out", 8), f"data.cache={cache_dir}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    from happyhorse_train.evaluation.loggers import read_metrics
+
+    metrics = read_metrics(tmp_path / "out" / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(1, 9)) and metrics[-1]["skipped_steps"] >= 1
+    assert all(torch.isfinite(t).all() for t in load_file(tmp_path / "out" / "lora" / "pytorch_lora_weights.safetensors").values())
