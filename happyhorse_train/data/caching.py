@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 from happyhorse_train.data.cache import LatentCache, NonFiniteTensor, text_entry_key, video_entry_key
 from happyhorse_train.data.clip_rules import source_frame_indices
 from happyhorse_train.data.video import UnreadableMedia, load_clip
+from happyhorse_train.errors import RunHalted
 
 FAILURES_FILE = "failures-rank{rank}.json"
 
@@ -77,7 +79,13 @@ def fill_cache(
 
     def flush() -> None:
         if pending:
-            cache.write_shard(pending)
+            try:
+                cache.write_shard(pending)
+            except (OSError, SafetensorError) as error:  # safetensors reports a failed write as its own error
+                raise RunHalted(
+                    f"could not write a cache shard in {cache.shard_dir} ({error}): is the disk full? "
+                    f"Every entry written before is intact; free space and run again to encode the rest"
+                ) from error
             pending.clear()
 
     bar = tqdm(total=len(missing_videos), desc=f"encoding clips (rank {rank})", unit="clip", disable=not (progress and missing_videos))

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from happyhorse_train.errors import UserInputError
+from happyhorse_train.errors import RunHalted, UserInputError
 
 CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"^step-(\d{8})$")
@@ -99,18 +100,33 @@ def save_checkpoint(
     temporary = final.with_name(f".{final.name}.tmp")
     if accelerator.is_main_process:
         shutil.rmtree(temporary, ignore_errors=True)  # left by a run killed while writing this step
-        temporary.mkdir(parents=True)
+        temporary.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    torch.save(rng_state(noise_generator), temporary / f"rng-rank{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
-        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(temporary / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), temporary / "optimizer.pt")
-        torch.save(lr_schedule.state_dict(), temporary / "scheduler.pt")
-        if ema is not None:
-            torch.save(ema.state_dict(), temporary / "ema.pt")
-        state = {**trainer_state, "step": step, "world_size": accelerator.num_processes}
-        (temporary / "trainer_state.json").write_text(json.dumps(state, indent=2))
-    accelerator.wait_for_everyone()
+    failure = None
+    try:
+        torch.save(rng_state(noise_generator), temporary / f"rng-rank{accelerator.process_index}.pt")
+        if accelerator.is_main_process:
+            save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(temporary / "trainable.safetensors"))
+            torch.save(optimizer.state_dict(), temporary / "optimizer.pt")
+            torch.save(lr_schedule.state_dict(), temporary / "scheduler.pt")
+            if ema is not None:
+                torch.save(ema.state_dict(), temporary / "ema.pt")
+            state = {**trainer_state, "step": step, "world_size": accelerator.num_processes}
+            (temporary / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    except (OSError, RuntimeError, SafetensorError) as error:  # torch.save / safetensors wrap a failed write
+        failure = error
+    # Every process learns whether any write failed, so none waits for another that has given up.
+    failed = accelerator.reduce(torch.tensor(float(failure is not None), device=accelerator.device), "max").item() > 0
+    if failed:
+        if accelerator.is_main_process:
+            shutil.rmtree(temporary, ignore_errors=True)
+        previous = list_checkpoints(output_dir)
+        kept = f"the last complete checkpoint, {previous[-1]}, is intact" if previous else "no earlier checkpoint exists"
+        reason = f" ({failure})" if failure is not None else " (on another process)"
+        raise RunHalted(
+            f"could not write the step-{step} checkpoint{reason}: is the disk full? {kept}; free space, then "
+            f"continue with resume=latest"
+        )
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         temporary.rename(final)

@@ -89,3 +89,47 @@ def test_a_nan_clip_skips_its_steps_and_training_goes_on(dataset, demo_model_dir
     metrics = read_metrics(tmp_path / "out" / "metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(1, 9)) and metrics[-1]["skipped_steps"] >= 1
     assert all(torch.isfinite(t).all() for t in load_file(tmp_path / "out" / "lora" / "pytorch_lora_weights.safetensors").values())
+
+
+def run_with_file_size_limit(args: list[str], limit_bytes: int) -> subprocess.CompletedProcess:
+    """Run with RLIMIT_FSIZE: a write past the limit fails with EFBIG, as a write to a full disk fails."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, preexec_fn=limit, timeout=600)
+
+
+def test_a_full_disk_during_a_checkpoint_keeps_the_last_one_and_resume_works(dataset, demo_model_dir, tmp_path):
+    out = tmp_path / "out"
+    first = train(*common(demo_model_dir, dataset, out, 2), "trainer.checkpoint_every=2")  # caches and checkpoints step 2
+    assert first.returncode == 0, first.stderr[-2000:]
+    # The next checkpoint's files (~180 KB of LoRA weights, more of optimizer state) do not fit under 100 KB.
+    limited = run_with_file_size_limit(
+        ["train.py", "+experiment=demo", *FAST, *common(demo_model_dir, dataset, out, 4), "trainer.checkpoint_every=2", "resume=latest"],
+        100_000,
+    )
+    assert limited.returncode == 2, limited.stderr[-2000:]
+    assert "could not write the step-4 checkpoint" in limited.stderr and "step-00000002, is intact" in limited.stderr
+    assert "Traceback" not in limited.stderr
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000002"]  # no half-written step 4 left
+
+    resumed = train(*common(demo_model_dir, dataset, out, 4), "trainer.checkpoint_every=2", "resume=latest")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert len(losses(out)) == 4
+
+
+def test_a_full_disk_while_caching_loses_nothing_and_a_rerun_completes(dataset, demo_model_dir, tmp_path):
+    args = ["data_tools/cache_latents.py", str(dataset), "--model", str(demo_model_dir), "--max-sequence-length", "32", "--no-progress"]
+    limited = run_with_file_size_limit([*args, "--cache", str(tmp_path / "cache"), "--shard-size", "2"], 12_000)  # a shard of 2 clips is ~19 KB
+    assert limited.returncode == 2 and "could not write a cache shard" in limited.stderr and "Traceback" not in limited.stderr
+    shards = tmp_path / "cache" / "shards"
+    assert not [p for p in shards.iterdir() if not p.name.endswith(".safetensors")]  # no temporary file left behind
+    rerun = run_script(*args, "--cache", str(tmp_path / "cache"))
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    straight = run_script(*args, "--cache", str(tmp_path / "straight"))
+    assert straight.returncode == 0
+    from tests.integration.test_cache import assert_same_cache
+
+    assert_same_cache(tmp_path / "cache", tmp_path / "straight")
