@@ -133,3 +133,31 @@ def test_a_full_disk_while_caching_loses_nothing_and_a_rerun_completes(dataset, 
     from tests.integration.test_cache import assert_same_cache
 
     assert_same_cache(tmp_path / "cache", tmp_path / "straight")
+
+
+def test_a_model_folder_missing_a_component_is_one_line_before_loading(dataset, demo_model_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "model"
+    shutil.copytree(demo_model_dir, broken)
+    shutil.rmtree(broken / "vae")
+    result = train(*common(broken, dataset, tmp_path / "out", 2))
+    assert result.returncode == 2 and "is missing the component(s) vae" in result.stderr
+    assert "Traceback" not in result.stderr and "Loading pipeline components" not in result.stderr
+
+
+def test_an_output_folder_that_cannot_be_made_is_refused_before_loading(dataset, demo_model_dir, tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    result = train(*common(demo_model_dir, dataset, tmp_path / "a_file" / "run", 2))  # root can write anywhere, but not under a file
+    assert result.returncode == 2 and "is not writable" in result.stderr and "Traceback" not in result.stderr
+    assert "Loading pipeline components" not in result.stderr
+
+
+def test_resuming_with_another_number_of_processes_says_why_it_cannot(dataset, demo_model_dir, tmp_path):
+    launcher = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no"]
+    two = run_script(*launcher, "train.py", "+experiment=demo", *FAST, *common(demo_model_dir, dataset, tmp_path, 2))
+    assert two.returncode == 0, two.stderr[-2000:]
+    one = train(*common(demo_model_dir, dataset, tmp_path, 4), "resume=latest")
+    assert one.returncode == 2
+    assert "was written by 2 process(es), this run has 1: resume with the same number of processes" in one.stderr
