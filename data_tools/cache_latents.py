@@ -42,6 +42,11 @@ def main(argv: list[str] | None = None) -> None:
     pipe = spec.load_pipeline(args.model, state.device, resolve_dtype(args.dtype, state.device))
     encoder = spec.clip_encoder(pipe, args.model)
     cache = LatentCache(args.cache or args.dataset / "cache")
+    if state.is_main_process:
+        for shard, why in cache.verify():
+            print(f"cache: {shard} moved to {cache.folder / 'corrupt'} ({why}); its entries are re-encoded")
+    state.wait_for_everyone()
+    cache.refresh()
 
     stats = fill_cache(
         manifest, cache, encoder, state.process_index, state.num_processes, args.shard_size, progress=not args.no_progress

@@ -58,6 +58,7 @@ class SampleConfig:
 class DataConfig:
     dataset: str = "???"
     cache: Optional[str] = None
+    verify_cache: bool = True
     batch_size: int = 1
     num_workers: int = 0
     caption_dropout: float = 0.1

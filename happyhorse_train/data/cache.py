@@ -1,12 +1,13 @@
 """The latent + text-embedding cache: safetensors shards on disk, found through an index.
 
 Layout of a cache folder:
-  shards/<id>.safetensors   tensors named "<entry key>/<field>" (e.g. "3f2a.../mean"); each shard is
-                            written under a temporary name and renamed when complete, so a shard file
-                            that exists is whole
-  index.json                {shard file: [entry keys]}, rebuilt from the shard headers whenever a shard
-                            is missing from it: the shards are the truth, the index only saves reading
-                            every header
+  shards/b2-<hash>.safetensors  tensors named "<entry key>/<field>" (e.g. "3f2a.../mean"); <hash> is the
+                            blake2b checksum of the file's bytes, so `verify` can tell a flipped bit or a
+                            truncated file; each shard is written under a temporary name and renamed
+                            when complete
+  corrupt/                  shards that failed their checksum, moved aside (their entries are re-encoded)
+  index.json                {shard file (and so its checksum): [entry keys]}, rebuilt from the shard
+                            headers whenever a shard is missing from it: the shards are the truth
 
 Entry keys are content hashes (see `video_entry_key`, `text_entry_key`): a clip is re-encoded only when
 its source content, window, bucket or the encoder changed. Shards are only ever added, never rewritten,
@@ -17,16 +18,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-import uuid
+import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 
 from happyhorse_train.files import write_atomic
 
 INDEX_FILE = "index.json"
+SHARD_PREFIX = "b2-"
+
+
+def file_checksum(path: Path) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _digest(text: str) -> str:
@@ -54,6 +64,7 @@ class LatentCache:
         self.shard_dir.mkdir(parents=True, exist_ok=True)
         self._location: dict[str, str] = {}  # entry key -> shard file name
         self._handles: dict[str, object] = {}
+        self.quarantined: list[tuple[str, str]] = []  # (shard, why) moved to corrupt/ by this object
         self.refresh()
 
     # --- index --------------------------------------------------------------------------------
@@ -63,16 +74,43 @@ class LatentCache:
         index_path = self.folder / INDEX_FILE
         index: dict[str, list[str]] = json.loads(index_path.read_text()) if index_path.is_file() else {}
         present = sorted(p.name for p in self.shard_dir.glob("*.safetensors"))
-        stale = set(index) - set(present)
+        changed = bool(set(index) - set(present))
+        index = {name: keys for name, keys in index.items() if name in present}
         for name in present:
-            if name not in index:
+            if name in index:
+                continue
+            changed = True
+            try:
                 with safe_open(self.shard_dir / name, framework="pt") as shard:
                     index[name] = sorted({tensor.split("/", 1)[0] for tensor in shard.keys()})
-        for name in stale:
-            del index[name]
+            except (SafetensorError, OSError) as error:  # e.g. a truncated file: its header is unreadable
+                self._quarantine(name, f"unreadable ({error})")
         self._location = {key: name for name, keys in sorted(index.items()) for key in keys}
-        if write_index or stale or len(index) != len(present):
+        if write_index or changed:
             write_atomic(index_path, lambda path: path.write_text(json.dumps(index, indent=0, sort_keys=True)))
+
+    def verify(self) -> list[tuple[str, str]]:
+        """Re-hash every shard against the checksum in its name; move the ones that fail to corrupt/ and
+        forget their entries (a fill run then re-encodes them). Returns (shard, why) for each moved."""
+        before = len(self.quarantined)
+        for path in sorted(self.shard_dir.glob("*.safetensors")):
+            expected = path.stem.removeprefix(SHARD_PREFIX) if path.stem.startswith(SHARD_PREFIX) else None
+            actual = file_checksum(path)
+            if actual != expected:
+                self._quarantine(path.name, f"checksum mismatch: the file hashes to {actual}")
+        if len(self.quarantined) > before:
+            self.refresh(write_index=True)
+        return self.quarantined[before:]
+
+    def _quarantine(self, name: str, why: str) -> None:
+        corrupt = self.folder / "corrupt"
+        corrupt.mkdir(exist_ok=True)
+        self._handles.pop(name, None)
+        try:
+            shutil.move(str(self.shard_dir / name), str(corrupt / name))
+        except FileNotFoundError:
+            return  # another process moved it first
+        self.quarantined.append((name, why))
 
     def keys(self) -> set[str]:
         return set(self._location)
@@ -103,8 +141,9 @@ class LatentCache:
                 if not torch.isfinite(tensor).all():
                     raise NonFiniteTensor(f"cache entry {key} field {field} has non-finite values")
                 tensors[f"{key}/{field}"] = tensor.detach().contiguous().cpu()
-        name = f"{uuid.uuid4().hex}.safetensors"
-        write_atomic(self.shard_dir / name, lambda path: save_file(tensors, str(path), metadata={"format": "pt"}))
+        data = save(tensors, metadata={"format": "pt"})
+        name = f"{SHARD_PREFIX}{hashlib.blake2b(data, digest_size=16).hexdigest()}.safetensors"
+        write_atomic(self.shard_dir / name, lambda path: path.write_bytes(data))
         for key in entries:
             self._location[key] = name
         return name

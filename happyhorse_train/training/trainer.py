@@ -92,6 +92,11 @@ def train(cfg) -> Path:
         except UserInputError as error:
             raise UserInputError(f"dataset bucket {bucket} does not fit {cfg.model.preset}: {error}") from error
     cache = LatentCache(cfg.data.cache or Path(cfg.data.dataset) / "cache")
+    if cfg.data.verify_cache and accelerator.is_main_process:
+        for shard, why in cache.verify():
+            accelerator.print(f"cache: {shard} moved to {cache.folder / 'corrupt'} ({why}); its entries are re-encoded")
+    accelerator.wait_for_everyone()
+    cache.refresh()
     encoder = spec.clip_encoder(pipe, cfg.model.path)
     fill_cache(manifest, cache, encoder, rank, world, progress=accelerator.is_local_main_process)
     accelerator.wait_for_everyone()

@@ -47,8 +47,9 @@ def encoder(demo_model_dir):
 
 
 def cache_contents(folder) -> dict[str, dict[str, torch.Tensor]]:
+    """Copies, not views: safetensors maps shard files into memory, and a test may truncate them later."""
     cache = LatentCache(folder)
-    return {key: cache.get(key) for key in sorted(cache.keys())}
+    return {key: {field: t.clone() for field, t in cache.get(key).items()} for key in sorted(cache.keys())}
 
 
 def assert_same_cache(a, b):

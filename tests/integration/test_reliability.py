@@ -161,3 +161,31 @@ def test_resuming_with_another_number_of_processes_says_why_it_cannot(dataset, d
     one = train(*common(demo_model_dir, dataset, tmp_path, 4), "resume=latest")
     assert one.returncode == 2
     assert "was written by 2 process(es), this run has 1: resume with the same number of processes" in one.stderr
+
+
+def test_corrupt_cache_shards_are_detected_moved_aside_and_re_encoded(dataset, demo_model_dir, tmp_path):
+    from happyhorse_train.data.cache import LatentCache
+    from tests.integration.test_cache import cache_contents
+
+    cache_dir = tmp_path / "cache"
+    args = ["data_tools/cache_latents.py", str(dataset), "--model", str(demo_model_dir), "--max-sequence-length", "32",
+            "--no-progress", "--shard-size", "1"]
+    assert run_script(*args, "--cache", str(cache_dir)).returncode == 0
+    before = cache_contents(cache_dir)
+    shards = sorted((cache_dir / "shards").glob("*.safetensors"))
+    flipped, truncated = shards[0], shards[1]
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside the tensor data: the header still parses
+    flipped.write_bytes(bytes(data))
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+
+    result = train(*common(demo_model_dir, dataset, tmp_path / "out", 2), f"data.cache={cache_dir}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"cache: {flipped.name} moved to" in result.stdout and "checksum mismatch" in result.stdout
+    assert f"cache: {truncated.name} moved to" in result.stdout
+    assert sorted(p.name for p in (cache_dir / "corrupt").iterdir()) == sorted([flipped.name, truncated.name])
+    after = cache_contents(cache_dir)  # every entry is back, re-encoded to the same values
+    assert after.keys() == before.keys()
+    differing = [(k, f, (after[k][f] - before[k][f]).abs().max().item()) for k in before for f in before[k] if not torch.equal(after[k][f], before[k][f])]
+    assert differing == []
+    assert LatentCache(cache_dir).verify() == []
