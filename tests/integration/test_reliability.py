@@ -189,3 +189,33 @@ def test_corrupt_cache_shards_are_detected_moved_aside_and_re_encoded(dataset, d
     differing = [(k, f, (after[k][f] - before[k][f]).abs().max().item()) for k in before for f in before[k] if not torch.equal(after[k][f], before[k][f])]
     assert differing == []
     assert LatentCache(cache_dir).verify() == []
+
+
+def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_and_resume_latest_picks_it(dataset, demo_model_dir, tmp_path):
+    from happyhorse_train.training.checkpoint import list_checkpoints, resolve_resume
+
+    out = tmp_path / "out"
+    # A full fine-tune checkpoints the whole transformer and its Adam states every step: writes long enough to hit.
+    args = [sys.executable, "train.py", "+experiment=demo", *FAST, *common(demo_model_dir, dataset, out, 200),
+            "trainer.mode=full", "trainer.checkpoint_every=1", "trainer.keep_checkpoints=2"]
+    process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints, caught = out / "checkpoints", None
+    deadline = time.monotonic() + 300
+    while caught is None and time.monotonic() < deadline and process.poll() is None:
+        if checkpoints.is_dir() and list_checkpoints(out):
+            caught = next((p for p in checkpoints.iterdir() if p.name.endswith(".tmp")), None)
+    if caught is not None:
+        os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert caught is not None, "no checkpoint write was caught in progress; the test proves nothing"
+    assert caught.exists(), "the half-written checkpoint should still be on disk after SIGKILL"
+
+    complete = list_checkpoints(out)
+    assert complete and all(not p.name.startswith(".") for p in complete)
+    latest = resolve_resume(out, "latest")
+    assert latest == complete[-1] and int(latest.name.split("-")[1]) < int(caught.name.split("-")[1].split(".")[0])
+    resumed = train(*common(demo_model_dir, dataset, out, int(latest.name.split("-")[1]) + 2), "trainer.mode=full",
+                    "trainer.checkpoint_every=1", "trainer.keep_checkpoints=2", "resume=latest")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {latest}" in resumed.stdout
+    assert not [p for p in checkpoints.iterdir() if p.name.endswith(".tmp")]  # the stale temporary was cleared
