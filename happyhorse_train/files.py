@@ -18,3 +18,14 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def file_digest(path: Path) -> str:
+    """blake2b-128 of a file's bytes, read in 4 MiB blocks: content fingerprints and cache checksums."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()

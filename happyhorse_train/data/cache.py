@@ -25,18 +25,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from happyhorse_train.files import write_atomic
+from happyhorse_train.files import file_digest, write_atomic
 
 INDEX_FILE = "index.json"
 SHARD_PREFIX = "b2-"
-
-
-def file_checksum(path: Path) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _digest(text: str) -> str:
@@ -95,7 +87,7 @@ class LatentCache:
         before = len(self.quarantined)
         for path in sorted(self.shard_dir.glob("*.safetensors")):
             expected = path.stem.removeprefix(SHARD_PREFIX) if path.stem.startswith(SHARD_PREFIX) else None
-            actual = file_checksum(path)
+            actual = file_digest(path)
             if actual != expected:
                 self._quarantine(path.name, f"checksum mismatch: the file hashes to {actual}")
         if len(self.quarantined) > before:

@@ -23,7 +23,7 @@ from happyhorse_train.data.captions import CaptionError, CaptionIndex
 from happyhorse_train.data.clip_rules import ClipRules, nearest_bucket, plan_clips, source_frame_indices
 from happyhorse_train.data.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES, UnreadableMedia, probe
 from happyhorse_train.errors import UserInputError
-from happyhorse_train.files import write_atomic
+from happyhorse_train.files import file_digest, write_atomic
 
 MANIFEST_FILE, REPORT_JSON, REPORT_TEXT, RULES_FILE = "manifest.parquet", "report.json", "report.txt", "rules.json"
 _SIDE_FILES = {"captions.jsonl", "captions.csv"}
@@ -43,14 +43,6 @@ class PrepareResult:
     files_seen: int = 0
 
 
-def fingerprint(path: Path) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _clip_id(*parts: object) -> str:
     return hashlib.blake2b("|".join(map(str, parts)).encode(), digest_size=8).hexdigest()
 
@@ -61,7 +53,7 @@ def clips_of_file(path: Path, caption: str, rules: ClipRules) -> tuple[list[dict
         info = probe(path)
     except UnreadableMedia as error:
         return [], str(error)
-    content = fingerprint(path)
+    content = file_digest(path)
     if info.is_still:
         bucket, clip_frames, starts, span = nearest_bucket(info.width, info.height, rules.buckets, still=True), 1, [0], 1
     else:
