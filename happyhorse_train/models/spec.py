@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from happyhorse_train.files import write_atomic
+from happyhorse_train.models.latent_space import normalize_latents
 from happyhorse_train.models.layout import check_model_folder
 from happyhorse_train.models.lora_formats import (
     DIFFUSERS_PREFIX,
@@ -62,11 +63,8 @@ class ModelSpec(ABC):
         text conditioning prepared exactly as the backbone's pipeline prepares it at inference."""
 
     def normalize_latents(self, pipe, latents: torch.Tensor) -> torch.Tensor:
-        """VAE latents -> the space the transformer denoises in: per-channel (z - mean) / std from the VAE config."""
-        shape = (1, -1, 1, 1, 1)
-        mean = torch.tensor(pipe.vae.config.latents_mean, device=latents.device).view(shape)
-        std = torch.tensor(pipe.vae.config.latents_std, device=latents.device).view(shape)
-        return ((latents.float() - mean) / std).to(latents.dtype)
+        """VAE latents -> the space the transformer denoises in (the inverse of what the pipeline decodes)."""
+        return normalize_latents(pipe.vae, latents)
 
     def num_tokens(self, transformer: torch.nn.Module, latent_shape: tuple[int, ...]) -> int:
         """Video tokens one sample of this latent shape becomes (throughput, resolution-dependent shift)."""

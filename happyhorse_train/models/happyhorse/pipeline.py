@@ -15,6 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from happyhorse_train.errors import UserInputError
 from happyhorse_train.models.geometry import video_latent_shape
+from happyhorse_train.models.latent_space import denormalize_latents
 from happyhorse_train.models.happyhorse.lora import HappyHorseLoraLoaderMixin
 from happyhorse_train.models.happyhorse.transformer import HappyHorseTransformer3DModel
 
@@ -72,25 +73,10 @@ class HappyHorsePipeline(DiffusionPipeline, HappyHorseLoraLoaderMixin):
 
     # --- latents <-> pixels ---------------------------------------------------------------------
 
-    def _latent_stats(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = (1, -1, 1, 1, 1)
-        mean = torch.tensor(self.vae.config.latents_mean, device=latents.device).view(shape)
-        std = torch.tensor(self.vae.config.latents_std, device=latents.device).view(shape)
-        return mean, std
-
-    def normalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """VAE latents -> the unit-scale space the transformer works in."""
-        mean, std = self._latent_stats(latents)
-        return ((latents.float() - mean) / std).to(latents.dtype)
-
-    def denormalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        mean, std = self._latent_stats(latents)
-        return (latents.float() * std + mean).to(latents.dtype)
-
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalized latents -> video (batch, 3, frames, height, width) in [-1, 1]."""
-        return self.vae.decode(self.denormalize_latents(latents).to(self.vae.dtype), return_dict=False)[0]
+        return self.vae.decode(denormalize_latents(self.vae, latents).to(self.vae.dtype), return_dict=False)[0]
 
     # --- sampling -------------------------------------------------------------------------------
 

@@ -1,0 +1,24 @@
+"""VAE latents <-> the unit-scale space a transformer denoises in, from the VAE config's per-channel statistics
+(`latents_mean`, `latents_std`, as diffusers' AutoencoderKLWan configs carry them)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (1, -1, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean, device=like.device).view(shape)
+    std = torch.tensor(vae.config.latents_std, device=like.device).view(shape)
+    return mean, std
+
+
+def normalize_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """(z - mean) / std per channel, computed in float32, returned in the input's dtype."""
+    mean, std = _stats(vae, latents)
+    return ((latents.float() - mean) / std).to(latents.dtype)
+
+
+def denormalize_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    mean, std = _stats(vae, latents)
+    return (latents.float() * std + mean).to(latents.dtype)
