@@ -192,6 +192,7 @@ class HappyHorseTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["HappyHorseBlock"]
+    _repeated_blocks = ["HappyHorseBlock"]  # diffusers' marker for the repeated unit (regional compile, block swap)
     _skip_layerwise_casting_patterns = ["norm", "modulation"]
 
     @register_to_config
