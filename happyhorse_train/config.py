@@ -118,6 +118,13 @@ class TrainerConfig:
 
 
 @dataclass
+class MemoryConfig:
+    base_weights: str = "bf16"
+    blocks_to_swap: int = 0
+    offload_activations: bool = False
+
+
+@dataclass
 class ValidationConfig:
     every: int = 0
     prompts: list[str] = field(default_factory=list)
@@ -147,6 +154,7 @@ class TrainConfig:
     flow: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     output_dir: str = "???"

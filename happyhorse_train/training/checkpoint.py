@@ -3,9 +3,12 @@
 A checkpoint is a folder `<output_dir>/checkpoints/step-00000250/` holding:
   trainable.safetensors   the trained weights (the LoRA, or the whole transformer)
   optimizer.pt            optimizer state
+  deepspeed/              instead of the two above under DeepSpeed: its own checkpoint, each process
+                          writing its shard of the weights and optimizer states
   scheduler.pt            learning-rate schedule state
   ema.pt                  EMA weights (when EMA is on)
-  rng-rank<N>.pt          every random-number state of process N (python, numpy, torch, cuda, training noise)
+  rng-rank<N>.pt          every random-number state of process N (python, numpy, torch, cuda; the training
+                          noise is keyed by step and clip, see training/step.py, and needs none)
   trainer_state.json      step, data position (epoch, batches taken), counters, world size
 
 It is written into a hidden `.step-...tmp` folder and renamed when complete, so a folder with a
@@ -26,6 +29,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from happyhorse_train.errors import RunHalted, UserInputError
+from happyhorse_train.training.adapters import trainable_parameters
+from happyhorse_train.training.distributed import is_deepspeed
 
 CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"^step-(\d{8})$")
@@ -64,34 +69,31 @@ def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
     return path
 
 
-def rng_state(noise_generator: torch.Generator) -> dict:
+def rng_state() -> dict:
     return {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "noise": noise_generator.get_state(),
     }
 
 
-def restore_rng(state: dict, noise_generator: torch.Generator) -> None:
+def restore_rng(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    noise_generator.set_state(state["noise"])
 
 
 def save_checkpoint(
     accelerator,
     output_dir: Path,
     step: int,
-    trainable: dict[str, torch.Tensor],
+    model: torch.nn.Module,
     optimizer,
     lr_schedule,
     ema,
-    noise_generator: torch.Generator,
     trainer_state: dict,
     keep: int,
 ) -> Path:
@@ -104,10 +106,14 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     failure = None
     try:
-        torch.save(rng_state(noise_generator), temporary / f"rng-rank{accelerator.process_index}.pt")
-        if accelerator.is_main_process:
+        torch.save(rng_state(), temporary / f"rng-rank{accelerator.process_index}.pt")
+        if is_deepspeed(accelerator):  # every process writes its shard; the frozen base is not saved
+            model.save_checkpoint(str(temporary / "deepspeed"), tag="state", exclude_frozen_parameters=True)
+        elif accelerator.is_main_process:
+            trainable = trainable_parameters(accelerator.unwrap_model(model))
             save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(temporary / "trainable.safetensors"))
             torch.save(optimizer.state_dict(), temporary / "optimizer.pt")
+        if accelerator.is_main_process:
             torch.save(lr_schedule.state_dict(), temporary / "scheduler.pt")
             if ema is not None:
                 torch.save(ema.state_dict(), temporary / "ema.pt")
@@ -136,9 +142,7 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(
-    accelerator, path: Path, model: torch.nn.Module, optimizer, lr_schedule, ema, noise_generator: torch.Generator
-) -> dict:
+def load_checkpoint(accelerator, path: Path, model: torch.nn.Module, optimizer, lr_schedule, ema) -> dict:
     """Restore a checkpoint into the live objects; returns its trainer state."""
     state = json.loads((path / "trainer_state.json").read_text())
     if state["world_size"] != accelerator.num_processes:
@@ -146,6 +150,23 @@ def load_checkpoint(
             f"{path} was written by {state['world_size']} process(es), this run has {accelerator.num_processes}: "
             "resume with the same number of processes (the data order and random states are per process)"
         )
+    written_by_deepspeed = (path / "deepspeed").is_dir()
+    if written_by_deepspeed != is_deepspeed(accelerator):
+        writer, reader = ("DeepSpeed", "no DeepSpeed") if written_by_deepspeed else ("a run without DeepSpeed", "DeepSpeed")
+        raise UserInputError(f"{path} was written by {writer}; this run uses {reader}: resume with the same accelerate config")
+    if written_by_deepspeed:
+        model.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=False, load_lr_scheduler_states=False)
+    else:
+        _load_trainable(path, accelerator.unwrap_model(model))
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+    lr_schedule.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    if ema is not None:
+        ema.load_state_dict(torch.load(path / "ema.pt", weights_only=False))
+    restore_rng(torch.load(path / f"rng-rank{accelerator.process_index}.pt", weights_only=False))
+    return state
+
+
+def _load_trainable(path: Path, model: torch.nn.Module) -> None:
     saved = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = [name for name in saved if name not in params]
@@ -154,10 +175,3 @@ def load_checkpoint(
     with torch.no_grad():
         for name, tensor in saved.items():
             params[name].copy_(tensor)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
-    lr_schedule.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    if ema is not None:
-        ema.load_state_dict(torch.load(path / "ema.pt", weights_only=False))
-    rng = torch.load(path / f"rng-rank{accelerator.process_index}.pt", weights_only=False)
-    restore_rng(rng, noise_generator)
-    return state

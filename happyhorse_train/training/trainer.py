@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -25,11 +23,13 @@ from happyhorse_train.evaluation.loggers import RunLog
 from happyhorse_train.evaluation.validation import render_validation
 from happyhorse_train.models.geometry import video_latent_shape
 from happyhorse_train.models.spec import get_spec
-from happyhorse_train.training import flow_matching as fm
 from happyhorse_train.training.adapters import make_trainable, trainable_parameters
+from happyhorse_train.training.distributed import distributed_strategy
 from happyhorse_train.training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from happyhorse_train.training.ema import EMA
 from happyhorse_train.training.optim import build_lr_schedule, build_optimizer
+from happyhorse_train.training.step import flow_matching_loss, sample_generator
+from happyhorse_train.runtime import accelerator_options
 
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
 
@@ -70,19 +70,23 @@ def train(cfg) -> Path:
     resume_from = resolve_resume(output_dir, cfg.resume)
     accelerator = Accelerator(
         mixed_precision=cfg.trainer.mixed_precision,
-        cpu=not torch.cuda.is_available(),
+        gradient_accumulation_steps=cfg.trainer.gradient_accumulation_steps,
         log_with=None if cfg.logging.logger == "none" else cfg.logging.logger,
         project_dir=str(output_dir),
+        **accelerator_options(),
     )
     compute_dtype = COMPUTE_DTYPES[cfg.trainer.mixed_precision]
     rank, world = accelerator.process_index, accelerator.num_processes
+    strategy = distributed_strategy(accelerator)
+    strategy.check_supported(cfg)
 
     # --- the model and the data -----------------------------------------------------------------
     spec = get_spec(cfg.model.backbone, cfg.data.max_sequence_length)
     # A LoRA's frozen base loads straight in the compute dtype (an 8B float32 copy would be 32 GB of host RAM);
     # a full fine-tune keeps float32 master weights.
     load_dtype = compute_dtype if cfg.trainer.mode == "lora" else torch.float32
-    pipe = spec.load_pipeline(cfg.model.path, accelerator.device, load_dtype)
+    with strategy.loading():
+        pipe = spec.load_pipeline(cfg.model.path, accelerator.device, load_dtype)
     pipe.set_progress_bar_config(disable=True)
     manifest = load_manifest(cfg.data.dataset)
     for bucket in sorted(set(manifest["bucket"])):  # before any encoding: a shape the model cannot take fails here
@@ -117,25 +121,26 @@ def train(cfg) -> Path:
     optimizer = build_optimizer(params, cfg.optimizer)
     lr_schedule = build_lr_schedule(optimizer, cfg.optimizer, cfg.trainer.max_steps)
     ema = EMA(params, cfg.trainer.ema_decay) if cfg.trainer.ema else None
+    trainable_count = sum(p.numel() for p in params)  # before ZeRO-3 shards them
+    strategy.configure(cfg)
     model, optimizer = accelerator.prepare(transformer, optimizer)
     sampler = BucketBatchSampler(dataset.buckets, cfg.data.batch_size, cfg.seed, rank, world)
-    noise = torch.Generator(accelerator.device).manual_seed(_process_seed(cfg.seed, rank))
 
     state = TrainState()
     if resume_from is not None:
-        saved = load_checkpoint(accelerator, resume_from, transformer, optimizer, lr_schedule, ema, noise)
+        saved = load_checkpoint(accelerator, resume_from, model, optimizer, lr_schedule, ema)
         state = TrainState(**{key: saved[key] for key in asdict(state)})
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
     run_log = RunLog(accelerator, output_dir, cfg, state.step)
     accelerator.print(
         f"training {cfg.trainer.mode} on {len(dataset)} clips ({len(dataset.missing)} not cached), "
-        f"{sum(p.numel() for p in params):,} trainable parameters, {world} process(es)"
+        f"{trainable_count:,} trainable parameters, {world} process(es)"
     )
 
     # --- the loop -------------------------------------------------------------------------------
     accumulation = cfg.trainer.gradient_accumulation_steps
     progress = tqdm(total=cfg.trainer.max_steps, initial=state.step, desc="training", disable=not accelerator.is_main_process)
-    window = {"loss": 0.0, "samples": 0, "tokens": 0, "started": time.perf_counter()}
+    window = _new_window(accelerator.device)
     micro_step = 0
     stop = StopRequest()
     while state.step < cfg.trainer.max_steps:
@@ -144,20 +149,24 @@ def train(cfg) -> Path:
         loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_clips, num_workers=cfg.data.num_workers)
         for batch in loader:
             state.batches_in_epoch += 1
+            generators = [
+                sample_generator(cfg.seed, state.step, micro_step % accumulation, clip_id, accelerator.device)
+                for clip_id in batch["clip_ids"]
+            ]
             micro_step += 1
-            syncing = micro_step % accumulation == 0
-            with contextlib.nullcontext() if syncing else accelerator.no_sync(model):
-                loss, tokens = _flow_matching_loss(batch, cfg, spec, pipe, model, empty_text, noise, accelerator)
-                accelerator.backward(loss / accumulation)
-            window["loss"] += loss.detach().float().item() / accumulation
+            with accelerator.accumulate(model):  # also tells DeepSpeed where the accumulation boundary is
+                loss, tokens = flow_matching_loss(batch, generators, cfg, spec, pipe, model, empty_text, accelerator.device, compute_dtype)
+                accelerator.backward(loss)  # divided by the accumulation steps (by accelerate, or DeepSpeed)
+            window["loss"] += loss.detach().float() / accumulation  # stays on the device: no sync per batch
             window["samples"] += batch["latent_mean"].shape[0]
             window["tokens"] += tokens
-            if not syncing:
+            if not accelerator.sync_gradients:
                 continue
 
             max_norm = cfg.optimizer.max_grad_norm or float("inf")
-            grad_norm = accelerator.clip_grad_norm_(params, max_norm)
+            grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(params, max_norm))
             if not torch.isfinite(grad_norm):
+                strategy.check_nonfinite_recoverable(state.step)
                 # Gradients are all-reduced, so every process sees the same norm and skips together.
                 optimizer.zero_grad(set_to_none=True)
                 state.skipped_steps += 1
@@ -167,7 +176,7 @@ def train(cfg) -> Path:
                         f"{state.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (at step "
                         f"{state.step}); stopping. Lower optimizer.lr or check the data; the last checkpoint is intact."
                     )
-                window = {**window, "loss": 0.0, "samples": 0, "tokens": 0}
+                window = {**_new_window(accelerator.device), "started": window["started"]}
                 continue
             optimizer.step()
             lr_schedule.step()
@@ -180,7 +189,7 @@ def train(cfg) -> Path:
 
             seconds = time.perf_counter() - window["started"]
             metrics = {
-                "loss": accelerator.reduce(torch.tensor(window["loss"], device=accelerator.device), "mean").item(),
+                "loss": accelerator.reduce(window["loss"], "mean").item(),
                 "lr": lr_schedule.get_last_lr()[0],
                 "grad_norm": grad_norm.item(),
                 "samples_per_s": window["samples"] * world / seconds,
@@ -191,14 +200,13 @@ def train(cfg) -> Path:
                 metrics["gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
             run_log.log_step(metrics, state.step, to_tracker=state.step % cfg.trainer.log_every == 0)
             progress.set_postfix(loss=f"{metrics['loss']:.4f}")
-            window = {"loss": 0.0, "samples": 0, "tokens": 0, "started": time.perf_counter()}
+            window = _new_window(accelerator.device)
 
             done = state.step >= cfg.trainer.max_steps
             interrupted = not done and stop.agreed(accelerator)
             if done or interrupted or (cfg.trainer.checkpoint_every and state.step % cfg.trainer.checkpoint_every == 0):
-                trainable = trainable_parameters(transformer)
                 save_checkpoint(
-                    accelerator, output_dir, state.step, trainable, optimizer, lr_schedule, ema, noise,
+                    accelerator, output_dir, state.step, model, optimizer, lr_schedule, ema,
                     asdict(state), cfg.trainer.keep_checkpoints,
                 )
             if cfg.validation.every and cfg.validation.prompts and (done or state.step % cfg.validation.every == 0):
@@ -227,64 +235,26 @@ def train(cfg) -> Path:
     # --- the result -----------------------------------------------------------------------------
     if ema is not None:
         ema.copy_to(params)  # the averaged weights are the result
+    weights = accelerator.get_state_dict(model)  # every process takes part: ZeRO-3 gathers the shards here
     if accelerator.is_main_process:
         if lora_config is not None:
             spec.save_lora(
                 output_dir / "lora",
                 transformer,
-                get_peft_model_state_dict(transformer),
+                get_peft_model_state_dict(transformer, state_dict=weights),
                 lora_config.to_dict(),
                 {"happyhorse_train": {"config": OmegaConf.to_container(cfg, resolve=True), "step": state.step}},
                 formats=tuple(cfg.lora.save_formats),
             )
             accelerator.print(f"wrote the LoRA to {output_dir / 'lora'}")
         else:
-            transformer.save_pretrained(output_dir / "transformer")
+            transformer.save_pretrained(output_dir / "transformer", state_dict=weights)
             accelerator.print(f"wrote the transformer to {output_dir / 'transformer'}")
     run_log.finish()
     accelerator.wait_for_everyone()
     return output_dir
 
 
-def _process_seed(seed: int, rank: int) -> int:
-    # Distinct, well-spread noise streams per process (seed + rank would make run 1 rank 0 = run 0 rank 1).
-    return int.from_bytes(hashlib.sha256(f"noise,{seed},{rank}".encode()).digest()[:8], "little") >> 1
-
-
-def _flow_matching_loss(batch, cfg, spec, pipe, model, empty_text, noise, accelerator) -> tuple[torch.Tensor, int]:
-    """One batch's loss: draw latents from the cached distribution, noise them, predict the velocity."""
-    device = accelerator.device
-    mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
-    latents = spec.normalize_latents(pipe, mean + std * torch.randn(mean.shape, generator=noise, device=device))
-    text, mask = _drop_captions(batch["text_states"].to(device), batch["text_mask"].to(device), empty_text.to(device), cfg.data.caption_dropout, noise)
-
-    flow = cfg.flow
-    sigmas = fm.sample_sigmas(
-        latents.shape[0], flow.sigma_sampling, noise, device=device,
-        logit_mean=flow.logit_mean, logit_std=flow.logit_std, mode_scale=flow.mode_scale,
-    )
-    tokens = spec.num_tokens(accelerator.unwrap_model(model), tuple(latents.shape))
-    shift = fm.resolution_shift(tokens, flow.base_shift, flow.max_shift, flow.base_tokens, flow.max_tokens) if flow.resolution_shift else flow.shift
-    sigmas = fm.shift_sigmas(sigmas, shift)
-    noise_sample = torch.randn(latents.shape, generator=noise, device=device)
-    noisy = fm.noisy_latents(latents, noise_sample, sigmas)
-    with accelerator.autocast():
-        prediction = spec.predict_velocity(model, noisy, fm.timesteps_from_sigmas(sigmas), text, mask)
-    loss = fm.flow_matching_loss(prediction, fm.velocity_target(latents, noise_sample), fm.loss_weights(sigmas, flow.loss_weighting))
-    return loss, tokens * latents.shape[0]
-
-
-def _drop_captions(text, mask, empty_text, probability: float, generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Replace a random share of the captions with the empty caption's states (for classifier-free guidance)."""
-    if probability <= 0:
-        return text, mask
-    drop = torch.rand(text.shape[0], generator=generator, device=text.device) < probability
-    length = max(text.shape[1], empty_text.shape[0])
-    padded_text = torch.zeros(text.shape[0], length, text.shape[2], dtype=text.dtype, device=text.device)
-    padded_mask = torch.zeros(text.shape[0], length, dtype=torch.bool, device=text.device)
-    padded_text[:, : text.shape[1]], padded_mask[:, : mask.shape[1]] = text, mask
-    empty_mask = torch.arange(length, device=text.device) < empty_text.shape[0]
-    empty = torch.zeros(length, text.shape[2], dtype=text.dtype, device=text.device)
-    empty[: empty_text.shape[0]] = empty_text.to(text.dtype)
-    padded_text[drop], padded_mask[drop] = empty, empty_mask
-    return padded_text, padded_mask
+def _new_window(device: torch.device) -> dict:
+    """Sums over the batches since the last logged step."""
+    return {"loss": torch.zeros((), device=device), "samples": 0, "tokens": 0, "started": time.perf_counter()}
