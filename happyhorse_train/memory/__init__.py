@@ -1,0 +1,1 @@
+"""GPU and host memory: estimating what a training setting needs, and the settings that make it fit."""
