@@ -40,10 +40,21 @@ class ModelSpec(ABC):
     def __init__(self, max_sequence_length: int = 512):
         self.max_sequence_length = max_sequence_length  # prompt tokens, as the pipeline encodes them
 
-    def load_pipeline(self, path: str | Path, device: torch.device, dtype: torch.dtype):
-        """The inference pipeline users run, from a diffusers-layout folder; the VAE stays float32."""
+    def load_pipeline(self, path: str | Path, device: torch.device, dtype: torch.dtype, base_weights: str = "bf16", log=print):
+        """The inference pipeline users run, from a diffusers-layout folder; the VAE stays float32.
+
+        `base_weights` other than "bf16" (the compute dtype) loads the transformer's block weights quantized
+        and frozen, streamed tensor by tensor onto `device` (memory/streamed_load.py), never whole in host RAM.
+        """
         folder = check_model_folder(path, self.pipeline_class.__name__, self.components)
-        pipe = self.pipeline_class.from_pretrained(folder, dtype={"default": dtype, "vae": torch.float32})
+        components = {}
+        if base_weights != "bf16":
+            from happyhorse_train.memory.streamed_load import load_quantized_transformer
+
+            components["transformer"] = load_quantized_transformer(
+                self.transformer_class, folder / "transformer", base_weights, device, dtype, log=log
+            )
+        pipe = self.pipeline_class.from_pretrained(folder, dtype={"default": dtype, "vae": torch.float32}, **components)
         return pipe.to(device)
 
     @abstractmethod

@@ -29,8 +29,8 @@ def make_trainable(
         target_modules=list(lora.target_modules or default_targets),
         init_lora_weights=LORA_INIT[lora.init],
     )
-    if transformer.dtype != frozen_dtype:
-        transformer.to(frozen_dtype)
+    if not getattr(transformer, "is_quantized", False) and transformer.dtype != frozen_dtype:
+        transformer.to(frozen_dtype)  # (a quantized base was loaded in its storage formats on purpose)
     try:
         transformer.add_adapter(config)
     except ValueError as error:  # peft: "Target modules ... not found in the base model"

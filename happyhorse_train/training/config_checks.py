@@ -17,6 +17,7 @@ CHOICES = {
     "flow.sigma_sampling": ("uniform", "logit_normal", "mode"),
     "flow.loss_weighting": ("none", "cosmap", "sigma_sqrt"),
     "optimizer.name": ("adamw", "adamw8bit"),
+    "memory.base_weights": ("bf16", "int8", "nf4", "fp8", "fp8-block"),
     "optimizer.scheduler": ("constant", "linear", "cosine"),
     "logging.logger": ("wandb", "tensorboard", "none"),
     "logging.wandb_mode": ("offline", "online"),
@@ -42,6 +43,7 @@ def check_train_config(cfg) -> None:
     for key in ("data.caption_dropout", "lora.dropout"):
         if not 0 <= _get(cfg, key) < 1:
             problems.append(f"{key}={_get(cfg, key)}: must be in [0, 1)")
+    problems += _memory_problems(cfg)
     from happyhorse_train.models.spec import LORA_FORMATS
 
     for layout in cfg.lora.save_formats:
@@ -64,6 +66,20 @@ def check_train_config(cfg) -> None:
     if problems:
         raise UserInputError("bad training config:\n  " + "\n  ".join(problems))
     check_writable(Path(cfg.output_dir))
+
+
+def _memory_problems(cfg) -> list[str]:
+    memory, problems = cfg.memory, []
+    if memory.base_weights != "bf16" and cfg.trainer.mode != "lora":
+        problems.append(f"memory.base_weights={memory.base_weights}: quantized base weights are frozen; use trainer.mode=lora")
+    if memory.blocks_to_swap < 0:
+        problems.append(f"memory.blocks_to_swap={memory.blocks_to_swap}: must be 0 or more")
+    if memory.blocks_to_swap and cfg.trainer.mode != "lora":
+        problems.append("memory.blocks_to_swap: swaps frozen weights only; use trainer.mode=lora (or DeepSpeed ZeRO-3 offload)")
+    for key, on in (("memory.blocks_to_swap", memory.blocks_to_swap), ("memory.offload_activations", memory.offload_activations)):
+        if on and not cfg.trainer.gradient_checkpointing:
+            problems.append(f"{key} needs trainer.gradient_checkpointing=true (blocks must keep nothing between passes)")
+    return problems
 
 
 def check_writable(folder: Path) -> None:

@@ -21,6 +21,8 @@ from happyhorse_train.data.sampler import BucketBatchSampler
 from happyhorse_train.errors import RunHalted, UserInputError
 from happyhorse_train.evaluation.loggers import RunLog
 from happyhorse_train.evaluation.validation import render_validation
+from happyhorse_train.memory.offload import BlockSwap, offloaded_checkpoint, repeated_blocks
+from happyhorse_train.memory.streamed_load import peak_host_ram_bytes
 from happyhorse_train.models.geometry import video_latent_shape
 from happyhorse_train.models.spec import get_spec
 from happyhorse_train.training.adapters import make_trainable, trainable_parameters
@@ -86,7 +88,7 @@ def train(cfg) -> Path:
     # a full fine-tune keeps float32 master weights.
     load_dtype = compute_dtype if cfg.trainer.mode == "lora" else torch.float32
     with strategy.loading():
-        pipe = spec.load_pipeline(cfg.model.path, accelerator.device, load_dtype)
+        pipe = spec.load_pipeline(cfg.model.path, accelerator.device, load_dtype, cfg.memory.base_weights, accelerator.print)
     pipe.set_progress_bar_config(disable=True)
     manifest = load_manifest(cfg.data.dataset)
     for bucket in sorted(set(manifest["bucket"])):  # before any encoding: a shape the model cannot take fails here
@@ -105,6 +107,7 @@ def train(cfg) -> Path:
     fill_cache(manifest, cache, encoder, rank, world, progress=accelerator.is_local_main_process)
     accelerator.wait_for_everyone()
     cache.refresh()
+    move_encoders(pipe, "cpu")  # everything they make is cached: their GPU memory goes to training
     dataset = CachedClipDataset(manifest, cache, encoder.video_id, encoder.text_id)
     if len(dataset) == 0:
         raise UserInputError(f"no clip of {cfg.data.dataset} could be cached; see {cache.folder}/failures-rank*.json")
@@ -115,7 +118,7 @@ def train(cfg) -> Path:
     transformer = pipe.transformer
     lora_config = make_trainable(transformer, cfg.trainer.mode, cfg.lora, spec.default_lora_targets, compute_dtype)
     if cfg.trainer.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
+        transformer.enable_gradient_checkpointing(offloaded_checkpoint if cfg.memory.offload_activations else None)
     transformer.train()
     params = list(trainable_parameters(transformer).values())
     optimizer = build_optimizer(params, cfg.optimizer)
@@ -124,6 +127,9 @@ def train(cfg) -> Path:
     trainable_count = sum(p.numel() for p in params)  # before ZeRO-3 shards them
     strategy.configure(cfg)
     model, optimizer = accelerator.prepare(transformer, optimizer)
+    if cfg.memory.blocks_to_swap:  # after prepare, which moves the whole model to the device
+        swap = BlockSwap(repeated_blocks(transformer), cfg.memory.blocks_to_swap, accelerator.device)
+        accelerator.print(f"block swap: blocks {swap.swapped} live in host RAM, streamed in ahead of use")
     sampler = BucketBatchSampler(dataset.buckets, cfg.data.batch_size, cfg.seed, rank, world)
 
     state = TrainState()
@@ -198,6 +204,7 @@ def train(cfg) -> Path:
             }
             if torch.cuda.is_available():
                 metrics["gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            metrics["host_ram_peak_gb"] = peak_host_ram_bytes() / 2**30
             run_log.log_step(metrics, state.step, to_tracker=state.step % cfg.trainer.log_every == 0)
             progress.set_postfix(loss=f"{metrics['loss']:.4f}")
             window = _new_window(accelerator.device)
@@ -212,7 +219,9 @@ def train(cfg) -> Path:
             if cfg.validation.every and cfg.validation.prompts and (done or state.step % cfg.validation.every == 0):
                 if accelerator.is_main_process:
                     folder = output_dir / "validation" / f"step-{state.step:08d}"
+                    move_encoders(pipe, accelerator.device)
                     paths = render_validation(pipe, cfg.validation, folder, accelerator.autocast)
+                    move_encoders(pipe, "cpu")
                     run_log.log_videos(paths, list(cfg.validation.prompts), state.step)
                 accelerator.wait_for_everyone()
             if interrupted:
@@ -253,6 +262,13 @@ def train(cfg) -> Path:
     run_log.finish()
     accelerator.wait_for_everyone()
     return output_dir
+
+
+def move_encoders(pipe, device) -> None:
+    """Every pipeline model but the transformer (text encoder, VAE) to `device`."""
+    for name, component in pipe.components.items():
+        if name != "transformer" and isinstance(component, torch.nn.Module):
+            component.to(device)
 
 
 def _new_window(device: torch.device) -> dict:
