@@ -14,7 +14,7 @@ below, labelled as an assumption.
 Known approximations: the meta device runs PyTorch's composite RMSNorm (it keeps float32 copies of its input),
 where CUDA's fused kernel keeps less (about 12% of a block's saved bytes for the 8b preset in pure bf16);
 autocast's float32 ops are not emulated; quantized layers are assumed to save what bf16 ones save; with
-DeepSpeed / FSDP a full fine-tune's weights are bf16, so the measured bf16 weight casts are counted in excess.
+DeepSpeed a full fine-tune's weights are bf16, so the measured bf16 weight casts are counted in excess.
 
 Candidate settings are described by the config overrides a user passes (`Setting.overrides`).
 """
@@ -60,7 +60,7 @@ PCIE_BYTES_PER_S = 25e9  # host <-> GPU, PCIe 5 x16 effective, each direction (f
 INTERCONNECT_BYTES_PER_S = 150e9  # NCCL bus bandwidth between GPUs of one node: NVLink class (PCIe-only: ~10x less)
 CPU_ADAM_PARAMS_PER_S = 1e9  # DeepSpeed CPUAdam parameters updated per second, per process
 DEEPSPEED_BUCKET_BYTES = 1 * GiB  # DeepSpeed reduce / all-gather buckets per GPU
-PREFETCHED_BLOCKS = 2  # blocks' weights in flight with block swap, ZeRO-3 and FSDP (the one in use + the next)
+PREFETCHED_BLOCKS = 2  # blocks' weights in flight with block swap, ZeRO-3 (the one in use + the next)
 # Matmul time of each frozen-base format relative to bf16 (dequantization). Unmeasured guesses: replace them
 # with benchmarks/ numbers when those exist.
 DEQUANT_SLOWDOWN = {"bf16": 1.00, "fp8": 1.05, "fp8-block": 1.08, "int8": 1.15, "nf4": 1.20}
@@ -71,7 +71,7 @@ BASE_FORMATS = tuple(DEQUANT_SLOWDOWN)
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2}  # per trainable parameter: two fp32 / two 8-bit moments
 # torch's foreach AdamW builds sqrt(v) for all parameters at once: one fp32 temporary per parameter.
 OPTIMIZER_STEP_TEMP_BYTES = {"adamw": 4, "adamw8bit": 0}
-ACCELERATE_CONFIGS = ("multi_gpu", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload", "fsdp")
+ACCELERATE_CONFIGS = ("multi_gpu", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload")  # configs/accelerate/
 # Preset VAEs that leave their config to the model folder: latent channels -> (spatial, temporal) compression.
 VAE_FACTORS_BY_LATENT_CHANNELS = {16: (8, 4), 48: (16, 4)}  # Wan 2.1 VAE, Wan 2.2 VAE
 
@@ -704,8 +704,6 @@ def _layout(request: PlanRequest, setting: Setting, facts: ModelFacts) -> Layout
     config = setting.accelerate_config or "single"
     if config.startswith("deepspeed"):
         return _deepspeed_layout(request, setting, facts)
-    if config == "fsdp":
-        return _fsdp_layout(request, setting, facts)
     return _replicated_layout(request, setting, facts)
 
 
@@ -744,16 +742,6 @@ def _deepspeed_layout(request: PlanRequest, setting: Setting, facts: ModelFacts)
     # ZeRO-3 offload: weights, master copy, gradients and states in host RAM; the GPU holds the gathered blocks.
     return Layout(weights=gathered, comm_buffers=DEEPSPEED_BUCKET_BYTES,
                   host_node=model_bf16 + (4 + 4 + state_bytes) * trainable, host_transfer_per_pass=model_bf16 // n)
-
-
-def _fsdp_layout(request: PlanRequest, setting: Setting, facts: ModelFacts) -> Layout:
-    """FSDP full shard, bf16 mixed precision: fp32 trained / bf16 frozen shards; bf16 blocks gathered for use."""
-    n, trainable = request.num_gpus, facts.trainable_params
-    frozen = facts.base_bytes("bf16") if request.mode == "lora" else 0
-    gathered = PREFETCHED_BLOCKS * max(b["bf16"] for b in facts.block_bytes)
-    return Layout(weights=(frozen + 4 * trainable) // n + gathered, grads=4 * trainable // n,
-                  states=OPTIMIZER_STATE_BYTES[setting.optimizer] * trainable // n,
-                  step_temp=OPTIMIZER_STEP_TEMP_BYTES[setting.optimizer] * trainable // n)
 
 
 def _swapped_blocks(facts: ModelFacts, setting: Setting) -> list[dict[str, int]]:
@@ -878,7 +866,7 @@ def _collective_bytes(request, setting, facts) -> float:
         return 2 * ring * 4 * trainable  # all-reduce of fp32 gradients
     if setting.accelerate_config == "deepspeed_zero2":
         return ring * 2 * trainable * 2  # reduce-scatter of bf16 gradients + all-gather of the updated weights
-    weights = 2 * facts.total_params  # ZeRO-3 / FSDP: gather the bf16 weights for forward and for backward
+    weights = 2 * facts.total_params  # ZeRO-3: gather the bf16 weights for forward and for backward
     return ring * (2 * weights + 2 * trainable)
 
 
@@ -903,7 +891,7 @@ def candidate_settings(request: PlanRequest) -> list[Setting]:
     """Every combination worth estimating, before block swap is sized (see `plan`).
 
     Not combined: quantized bases with a full fine-tune (it trains bf16 compute / fp32 master weights) or with
-    ZeRO-3 / FSDP (bitsandbytes and fp8 weights do not shard); 8-bit Adam with DeepSpeed (it partitions its
+    ZeRO-3 (bitsandbytes and fp8 weights do not shard); 8-bit Adam with DeepSpeed (it partitions its
     own fp32 states); activation offload without checkpointing (it offloads the checkpointed block inputs).
     """
     configs = ACCELERATE_CONFIGS if request.num_gpus > 1 else (None,)
@@ -913,7 +901,7 @@ def candidate_settings(request: PlanRequest) -> list[Setting]:
     settings = []
     for config in configs:
         for base in formats:
-            if base != "bf16" and config in ("deepspeed_zero3", "deepspeed_zero3_offload", "fsdp"):
+            if base != "bf16" and config in ("deepspeed_zero3", "deepspeed_zero3_offload"):
                 continue
             for optimizer in optimizers:
                 if optimizer != "adamw" and config and config.startswith("deepspeed"):
@@ -926,7 +914,7 @@ def candidate_settings(request: PlanRequest) -> list[Setting]:
 def _can_swap(request: PlanRequest, setting: Setting) -> bool:
     # Block swap streams plain frozen tensors: not a full fine-tune's trained weights, not bitsandbytes' int8 /
     # nf4 tensors (their state lives beside .data; memory/offload.py leaves them in place), and not weights
-    # that ZeRO-3 / FSDP already shard and gather.
+    # that ZeRO-3 already shard and gather.
     return (request.mode == "lora" and setting.base_weights not in ("int8", "nf4")
             and setting.accelerate_config in (None, "multi_gpu", "deepspeed_zero2"))
 
