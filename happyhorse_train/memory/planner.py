@@ -1044,7 +1044,7 @@ def _render_pick(request: PlanRequest, pick: Estimate) -> list[str]:
     mode = [f"trainer.mode=lora lora.rank={request.lora_rank}"] if request.mode == "lora" else ["trainer.mode=full"]
     launch = ""
     if pick.setting.accelerate_config:
-        launch = f"accelerate launch --config_file {pick.setting.accelerate_file()} "
+        launch = f"accelerate launch --config_file {pick.setting.accelerate_file()} --num_processes {request.num_gpus} "
     gib = lambda terms: ", ".join(f"{k} {v / GiB:.1f}" for k, v in terms.items())  # noqa: E731
     return [
         f"pick: the fastest setting that fits: {pick.gpu_peak / GiB:.1f} GiB GPU, "
