@@ -891,8 +891,9 @@ def candidate_settings(request: PlanRequest) -> list[Setting]:
     """Every combination worth estimating, before block swap is sized (see `plan`).
 
     Not combined: quantized bases with a full fine-tune (it trains bf16 compute / fp32 master weights) or with
-    ZeRO-3 (bitsandbytes and fp8 weights do not shard); 8-bit Adam with DeepSpeed (it partitions its
-    own fp32 states); activation offload without checkpointing (it offloads the checkpointed block inputs).
+    DeepSpeed (train.py refuses: DeepSpeed casts the whole model to bf16); 8-bit Adam or activation offload
+    with DeepSpeed (it partitions its own fp32 states; offload is untested under its hooks and refused);
+    activation offload without checkpointing (it offloads the checkpointed block inputs).
     """
     configs = ACCELERATE_CONFIGS if request.num_gpus > 1 else (None,)
     formats = BASE_FORMATS if request.mode == "lora" else ("bf16",)
@@ -901,22 +902,25 @@ def candidate_settings(request: PlanRequest) -> list[Setting]:
     settings = []
     for config in configs:
         for base in formats:
-            if base != "bf16" and config in ("deepspeed_zero3", "deepspeed_zero3_offload"):
+            deepspeed = bool(config and config.startswith("deepspeed"))
+            if base != "bf16" and deepspeed:
                 continue
             for optimizer in optimizers:
-                if optimizer != "adamw" and config and config.startswith("deepspeed"):
+                if optimizer != "adamw" and deepspeed:
                     continue
                 for checkpointing, offload in activation_modes:
+                    if offload and deepspeed:
+                        continue
                     settings.append(Setting(base, checkpointing, offload, 0, optimizer, config))
     return settings
 
 
 def _can_swap(request: PlanRequest, setting: Setting) -> bool:
     # Block swap streams plain frozen tensors: not a full fine-tune's trained weights, not bitsandbytes' int8 /
-    # nf4 tensors (their state lives beside .data; memory/offload.py leaves them in place), and not weights
-    # that ZeRO-3 already shard and gather.
+    # nf4 tensors (their state lives beside .data; memory/offload.py leaves them in place), and not under
+    # DeepSpeed (train.py refuses it there: ZeRO shards instead).
     return (request.mode == "lora" and setting.base_weights not in ("int8", "nf4")
-            and setting.accelerate_config in (None, "multi_gpu", "deepspeed_zero2"))
+            and setting.accelerate_config in (None, "multi_gpu"))
 
 
 def _smallest_swap_that_fits(request, setting, facts, profile) -> Estimate | None:

@@ -60,6 +60,8 @@ class DeepSpeedZero(Replicated):
                 f"memory.base_weights={cfg.memory.base_weights}: quantized base weights save memory on one GPU; "
                 "under DeepSpeed use bf16 and let ZeRO-3 shard them"
             )
+        if cfg.memory.offload_activations:
+            problems.append("memory.offload_activations: untested under DeepSpeed's parameter hooks; ZeRO shards instead")
         if cfg.memory.blocks_to_swap:
             problems.append("memory.blocks_to_swap: block swap is for one GPU; ZeRO-3 (with offload) shards instead")
         if problems:
