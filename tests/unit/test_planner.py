@@ -211,3 +211,52 @@ def test_cli_bad_preset_or_size_is_a_one_line_error(capsys, preset, size, messag
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert re.match(message, err) and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("num_gpus", [1, 2])
+def test_the_picked_override_line_passes_train_py_config_schema(num_gpus):
+    """The pick's printed command line, composed with train.py's Hydra config: every override exists in the
+    schema and lands as the planner meant it; an accelerate config it names is shipped."""
+    from hydra import compose, initialize_config_dir
+
+    from happyhorse_train.config import register_configs
+    from happyhorse_train.models.presets import CONFIG_DIR
+
+    request = planner.PlanRequest(preset="8b", gpu_memory_gib=24, host_ram_gib=64 * num_gpus, width=720, height=480,
+                                  frames=121, num_gpus=num_gpus, lora_rank=32)
+    result = planner.plan(request)
+    pick = result.pick
+    assert pick is not None, planner.render_plan(result)
+    line = re.search(r"^  (accelerate launch .*?)?train\.py (.*)$", planner.render_plan(result), re.MULTILINE)
+    assert line, planner.render_plan(result)
+    if num_gpus > 1:
+        assert pick.setting.accelerate_config is not None
+        config_file = re.search(r"--config_file (\S+) --num_processes (\d+) ", line.group(1))
+        assert config_file and config_file.group(1) == pick.setting.accelerate_file()
+        assert int(config_file.group(2)) == num_gpus
+        assert (CONFIG_DIR.parent / config_file.group(1)).is_file()
+    else:
+        assert line.group(1) is None and pick.setting.accelerate_config is None
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        overrides = ["model=8b", "data.dataset=unused", "output_dir=unused", *line.group(2).split()]
+        cfg = compose("train", overrides=overrides)
+    assert cfg.trainer.mode == "lora" and cfg.lora.rank == 32
+    assert cfg.memory.base_weights == pick.setting.base_weights
+    assert cfg.trainer.gradient_checkpointing == pick.setting.gradient_checkpointing
+    assert cfg.memory.offload_activations == pick.setting.offload_activations
+    assert cfg.memory.blocks_to_swap == pick.setting.blocks_to_swap
+    assert cfg.optimizer.name == pick.setting.optimizer
+
+
+def test_candidate_accelerate_configs_are_shipped():
+    from happyhorse_train.memory.planner.assumptions import ACCELERATE_CONFIGS
+    from happyhorse_train.models.presets import CONFIG_DIR
+
+    request = planner.PlanRequest(preset="tiny", gpu_memory_gib=24, host_ram_gib=64, width=64, height=64, frames=5,
+                                  num_gpus=2)
+    used = {s.accelerate_config for s in planner.candidate_settings(request)}
+    assert used == set(ACCELERATE_CONFIGS)
+    for name in used:
+        assert (CONFIG_DIR / "accelerate" / f"{name}.yaml").is_file(), name

@@ -1,0 +1,344 @@
+"""Activation measurement on the meta device: what autograd saves in a real-shaped training forward, with
+attention saving what a flash kernel saves (`FlashLikeAttention`) and bf16 autocast emulated (`EmulatedAutocast`)."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map
+
+from happyhorse_train.memory.planner.assumptions import COMPUTE_DTYPE
+from happyhorse_train.memory.planner.facts import meta_training_transformer, repeated_blocks
+from happyhorse_train.memory.planner.request import latent_shape
+from happyhorse_train.models import attention as attention_hook
+from happyhorse_train.models.presets import load_preset
+from happyhorse_train.models.spec import get_spec
+
+
+# --- attention that saves what a flash kernel saves --------------------------------------------------------
+class FlashLikeAttention(torch.autograd.Function):
+    """Scaled dot-product attention that keeps for backward exactly what flash / cuDNN kernels keep: q, k, v,
+    the output and a float32 log-sum-exp per query row; no tokens x tokens matrix.
+
+    On real tensors it computes exact attention, forward and backward (at least float32 math, O(tokens^2)
+    memory while it runs: for small test shapes); on the meta device only shapes. q (B, H, Lq, D);
+    k, v (B, Hkv, Lk, D) with H a multiple of Hkv (grouped-query); key_mask bool (B, 1, 1, Lk) or None.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_mask=None, scale=None):
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        if q.device.type == "meta":
+            out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+            lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+        else:
+            probs, lse = _attention_probs(q, _expand_heads(k, q), key_mask, scale)
+            out = (probs @ _expand_heads(v, q).to(probs.dtype)).to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.key_mask, ctx.scale = key_mask, scale  # the mask is an input (flash: tiny sequence offsets)
+        _ATTENTION_FLOPS[0] += 4 * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.shape[3]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        math_dtype = _math_dtype(q)
+        q_math = q.to(math_dtype)
+        k_full, v_full = _expand_heads(k, q).to(math_dtype), _expand_heads(v, q).to(math_dtype)
+        scores = (q_math @ k_full.transpose(-1, -2)) * ctx.scale
+        if ctx.key_mask is not None:
+            scores = scores.masked_fill(~ctx.key_mask, float("-inf"))
+        probs = torch.exp(scores - lse.to(math_dtype).unsqueeze(-1))  # from the saved log-sum-exp, as flash does
+        grad_out = grad_out.to(math_dtype)
+        grad_v = probs.transpose(-1, -2) @ grad_out
+        grad_probs = grad_out @ v_full.transpose(-1, -2)
+        row_dot = (grad_out * out.to(math_dtype)).sum(-1, keepdim=True)
+        grad_scores = probs * (grad_probs - row_dot) * ctx.scale
+        grad_q = grad_scores @ k_full
+        grad_k = grad_scores.transpose(-1, -2) @ q_math
+        grad_k, grad_v = _sum_heads(grad_k, k).to(k.dtype), _sum_heads(grad_v, v).to(v.dtype)
+        return grad_q.to(q.dtype), grad_k, grad_v, None, None
+
+
+_ATTENTION_FLOPS = [0]  # forward attention FLOPs since the last reset (4 B H Lq Lk D per call)
+
+
+def _expand_heads(kv: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    return kv.repeat_interleave(q.shape[1] // kv.shape[1], dim=1)  # grouped-query heads, as SDPA's enable_gqa
+
+
+def _sum_heads(grad: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+    b, _, length, dim = grad.shape
+    return grad.reshape(b, kv.shape[1], -1, length, dim).sum(2)
+
+
+def _math_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(q.dtype, torch.float32)  # at least float32, as the kernels accumulate
+
+
+def _attention_probs(q, k_full, key_mask, scale):
+    math_dtype = _math_dtype(q)
+    scores = (q.to(math_dtype) @ k_full.to(math_dtype).transpose(-1, -2)) * scale
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask, float("-inf"))
+    lse = scores.logsumexp(-1)
+    return torch.exp(scores - lse.unsqueeze(-1)), lse  # float32 for 16-bit inputs, as flash keeps it
+
+
+def flash_like_attention_fn(query, key, value, attn_mask=None):
+    """For the repo's attention hook: (B, H, L, D) tensors, boolean key mask."""
+    return FlashLikeAttention.apply(query, key, value, attn_mask)
+
+
+def _diffusers_flash_like(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                          enable_gqa=False, _parallel_config=None):
+    """For diffusers' attention dispatch: (B, L, H, D) tensors."""
+    if dropout_p or is_causal:
+        raise ValueError("the planner's attention stand-in supports neither dropout nor causal masks")
+    if attn_mask is not None and attn_mask.ndim == 2:
+        attn_mask = attn_mask[:, None, None, :]
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    return FlashLikeAttention.apply(q, k, v, attn_mask, scale).transpose(1, 2)
+
+
+FLASH_LIKE_BACKEND = "planner-flash-like"
+
+
+@contextlib.contextmanager
+def flash_like_attention():
+    """Route every attention call of both backbones through FlashLikeAttention while inside; then restore.
+
+    HappyHorse: the repo's hook (models/attention.py). diffusers' Wan: its dispatch registry has no public
+    way to add a backend (names are an enum), so the active backend's entry is swapped and put back.
+    """
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry as registry
+
+    attention_hook.register_attention_backend(FLASH_LIKE_BACKEND, flash_like_attention_fn)
+    previous_hook = attention_hook._active_backend
+    active = registry._active_backend
+    saved_entry = (registry._backends[active], registry._supported_arg_names[active], registry._constraints.get(active))
+    attention_hook.set_attention_backend(FLASH_LIKE_BACKEND)
+    registry._backends[active] = _diffusers_flash_like
+    registry._supported_arg_names[active] = set(inspect.signature(_diffusers_flash_like).parameters)
+    registry._constraints[active] = []
+    try:
+        yield
+    finally:
+        attention_hook.set_attention_backend(previous_hook)
+        registry._backends[active], registry._supported_arg_names[active], registry._constraints[active] = saved_entry
+
+
+# --- autocast on any device --------------------------------------------------------------------------------
+# The ops torch.autocast runs in bf16 (its "lower precision" list) that these models use.
+_AUTOCAST_LOWER_PRECISION = {
+    F.linear, F.conv1d, F.conv2d, F.conv3d, torch.matmul, torch.mm, torch.bmm, torch.Tensor.matmul,
+    torch.Tensor.__matmul__,
+}
+
+
+class EmulatedAutocast(TorchFunctionMode):
+    """bf16 autocast for matmul-class ops on any device (the meta device has none of its own): their float32
+    inputs are cast to bf16 first, visibly to autograd, so what the op saves are the bf16 casts, as under
+    `torch.autocast`. E.g. peft casts a LoRA's input to the adapter's fp32, and autocast casts it back: one
+    extra bf16 copy of the input per adapted layer. Ops autocast runs in fp32 are not emulated."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _AUTOCAST_LOWER_PRECISION:
+            args, kwargs = tree_map(_autocast_cast, (args, kwargs))
+        return func(*args, **kwargs)
+
+
+def _autocast_cast(value):
+    if isinstance(value, torch.Tensor) and value.dtype in (torch.float32, torch.float16):
+        return value.to(COMPUTE_DTYPE)
+    return value
+
+
+# --- activations: what autograd saves --------------------------------------------------------------------
+OUTSIDE = "outside"  # the ledger scope for tensors saved outside every repeated block
+
+
+class SavedTensorLedger:
+    """Records what autograd saves for backward, by scope (a block index, or OUTSIDE).
+
+    Memory is counted per storage, once (a view of a saved tensor holds its whole storage); `copied` counts
+    each save's own elements, which is what `torch.autograd.graph.save_on_cpu` would copy to the host.
+    Parameters and buffers are not activations and are left out.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.excluded = {_storage_key(t) for t in [*model.parameters(), *model.buffers()]}
+        self.scope: object = OUTSIDE
+        self.unique: dict[object, dict[int, int]] = defaultdict(dict)  # scope -> storage -> bytes
+        self.copied: dict[object, int] = defaultdict(int)  # scope -> bytes
+        self.largest = 0
+        self.linear_flops = 0  # filled in by the caller's FLOP counter
+        self.attention_flops = 0
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        key = _storage_key(tensor)
+        if key not in self.excluded:
+            nbytes = tensor.untyped_storage().nbytes()
+            self.unique[self.scope][key] = nbytes
+            self.copied[self.scope] += tensor.numel() * tensor.element_size()
+            self.largest = max(self.largest, nbytes)
+        return tensor  # kept as is: autograd holds it, so its storage (and key) stays unique while we count
+
+    def bytes_in(self, scope) -> int:
+        return sum(self.unique[scope].values())
+
+    def total_bytes(self) -> int:
+        every = {}
+        for storages in self.unique.values():
+            every.update(storages)
+        return sum(every.values())
+
+    @contextlib.contextmanager
+    def recording(self, blocks: list[torch.nn.Module]):
+        def enter(index):
+            return lambda module, args: setattr(self, "scope", index)
+
+        handles = [b.register_forward_pre_hook(enter(i)) for i, b in enumerate(blocks)]
+        handles += [b.register_forward_hook(lambda module, args, out: setattr(self, "scope", OUTSIDE)) for b in blocks]
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self.pack, lambda tensor: tensor):
+                yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def _storage_key(tensor: torch.Tensor) -> int:
+    # The address of the storage object: unique among live storages on every device, meta included
+    # (where data_ptr() is 0 for all).
+    return tensor.untyped_storage()._cdata
+
+
+@dataclass
+class ActivationProfile:
+    """Bytes autograd saves in one training forward (batch included), measured on the meta device."""
+
+    video_tokens: int  # per sample
+    text_tokens: int  # per sample
+    batch_size: int
+    num_blocks: int
+    saved_total: int  # no checkpointing: every saved tensor
+    saved_outside_blocks: int  # embeddings, output head, loss
+    saved_per_block: list[int]  # no checkpointing, each block's own
+    boundary: int  # full checkpointing: the saved block inputs (shared ones such as RoPE tables once)
+    boundary_copied: int  # the same counted once per block (shared inputs too)
+    largest_saved: int  # the biggest single saved tensor
+    linear_flops: int  # forward matmul FLOPs outside attention
+    attention_flops: int  # forward attention FLOPs
+
+    @property
+    def sequence_tokens(self) -> int:
+        return self.video_tokens + self.text_tokens
+
+    def per_token_per_block(self) -> float:
+        return max(self.saved_per_block) / (self.batch_size * self.sequence_tokens)
+
+    def boundary_per_block(self) -> int:
+        """One block's checkpointed inputs, shared ones included."""
+        return self.boundary_copied // self.num_blocks
+
+    def shared_block_inputs(self) -> int:
+        """Inputs every block gets (RoPE tables, time modulation, mask): counted once in `boundary`, once per
+        block in `boundary_copied`, so the difference is (blocks - 1) copies of them."""
+        return (self.boundary_copied - self.boundary) // max(self.num_blocks - 1, 1)
+
+    def hidden_states(self) -> int:
+        """The blocks' own inputs, their hidden states, all blocks: what activation offload moves to host RAM."""
+        return self.boundary - self.shared_block_inputs()
+
+
+def default_text_tokens(preset: dict) -> int:
+    return int(preset.get("sample", {}).get("max_sequence_length", 512))
+
+
+def measure_activations(
+    preset: dict | str,
+    width: int,
+    height: int,
+    frames: int,
+    batch_size: int = 1,
+    lora_rank: int | None = 32,
+    text_tokens: int | None = None,
+) -> ActivationProfile:
+    """Run the preset's training forward and loss on the meta device at the real shape, twice (without and
+    with gradient checkpointing), and count what autograd saves. The model is in the trainer's state with
+    bf16 autocast emulated for matmuls and attention saving what a flash kernel saves, so autograd saves
+    what a GPU training step saves (up to the approximations in the module docstring)."""
+    preset = load_preset(preset) if isinstance(preset, str) else preset
+    channels, t, h, w = latent_shape(preset, width, height, frames)
+    text_tokens = text_tokens or default_text_tokens(preset)
+    model = meta_training_transformer(preset, lora_rank)
+    spec = get_spec(preset["backbone"], text_tokens)  # Wan pads the prompt to this length
+    blocks = repeated_blocks(model)
+    inputs = _meta_inputs(preset, batch_size, (channels, t, h, w), text_tokens)
+
+    plain = _count_saved(model, blocks, spec, inputs, checkpointing=False)
+    checkpointed = _count_saved(model, blocks, spec, inputs, checkpointing=True)
+    return ActivationProfile(
+        video_tokens=spec.num_tokens(model, (t, h, w)),
+        text_tokens=text_tokens,
+        batch_size=batch_size,
+        num_blocks=len(blocks),
+        saved_total=plain.total_bytes(),
+        saved_outside_blocks=plain.bytes_in(OUTSIDE),
+        saved_per_block=[plain.bytes_in(i) for i in range(len(blocks))],
+        # Outside the blocks both runs save the same; what checkpointing adds there are the block inputs.
+        boundary=checkpointed.bytes_in(OUTSIDE) - plain.bytes_in(OUTSIDE),
+        boundary_copied=checkpointed.copied[OUTSIDE] - plain.copied[OUTSIDE],
+        largest_saved=plain.largest,
+        linear_flops=plain.linear_flops,
+        attention_flops=plain.attention_flops,
+    )
+
+
+def _meta_inputs(preset: dict, batch_size: int, latent: tuple[int, ...], text_tokens: int) -> dict:
+    meta = {"device": "meta"}
+    return dict(
+        noisy_latents=torch.empty(batch_size, *latent, **meta),  # float32, as the trainer feeds them
+        timesteps=torch.empty(batch_size, **meta),
+        text_states=torch.empty(batch_size, text_tokens, preset["transformer"]["text_dim"], **meta),
+        text_mask=torch.ones(batch_size, text_tokens, dtype=torch.bool, **meta),
+    )
+
+
+def _count_saved(model, blocks, spec, inputs, checkpointing: bool) -> SavedTensorLedger:
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    else:
+        model.disable_gradient_checkpointing()
+    ledger = SavedTensorLedger(model)
+    _ATTENTION_FLOPS[0] = 0
+    with warnings.catch_warnings():
+        # fp32 norm weights meeting bf16 inputs (a full fine-tune): torch says it takes the composite path, as on a GPU
+        warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
+        flops = _forward_and_loss(model, blocks, spec, inputs, ledger)
+    # On meta the attention stand-in does no matmuls, so the counter sees only the linear layers.
+    ledger.linear_flops = flops.get_total_flops()
+    ledger.attention_flops = _ATTENTION_FLOPS[0]
+    model.disable_gradient_checkpointing()
+    return ledger
+
+
+def _forward_and_loss(model, blocks, spec, inputs, ledger):
+    """One training forward and loss, recorded by the ledger; returns the FLOP counter. (Autograd holds every
+    saved tensor until this returns, so no counted storage is freed and its key reused while counting.)"""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with flash_like_attention(), FlopCounterMode(display=False) as flops, ledger.recording(blocks), EmulatedAutocast():
+        prediction = spec.predict_velocity(model, **inputs)
+        F.mse_loss(prediction.float(), torch.empty(prediction.shape, device="meta"))  # the loss saves too
+    return flops
+
