@@ -37,7 +37,7 @@ if str(ROOT) not in sys.path:
 from happyhorse_train.models.presets import CONFIG_DIR, load_preset  # noqa: E402
 from happyhorse_train.models.spec import get_spec  # noqa: E402
 from happyhorse_train.memory.offload import BlockSwap, offloaded_checkpoint, repeated_blocks  # noqa: E402
-from happyhorse_train.memory.quantize import mark_quantized, quantizable_linear_names, quantize_linear  # noqa: E402
+from happyhorse_train.memory.quantize import BASE_WEIGHT_FORMATS, mark_quantized, quantizable_linear_names, quantize_linear  # noqa: E402
 from happyhorse_train.memory.streamed_load import peak_host_ram_bytes  # noqa: E402
 from happyhorse_train.training.adapters import make_trainable, trainable_parameters  # noqa: E402
 from happyhorse_train.training.optim import build_optimizer  # noqa: E402
@@ -394,7 +394,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--numerics-size", default=None, help="WxHxF for the numerics check (default: --size)")
     parser.add_argument("--skip-numerics", action="store_true")
     parser.add_argument("--json", default=None)
-    parser.add_argument("--base-weights", default="bf16", choices=("bf16", "int8", "nf4", "fp8", "fp8-block"),
+    parser.add_argument("--base-weights", default="bf16", choices=BASE_WEIGHT_FORMATS,
                         help="toolkit side: frozen base format (memory.base_weights)")
     parser.add_argument("--offload-activations", action="store_true", help="toolkit side: memory.offload_activations")
     parser.add_argument("--blocks-to-swap", type=int, default=0, help="toolkit side: memory.blocks_to_swap")

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from happyhorse_train.errors import UserInputError
+from happyhorse_train.memory.quantize import BASE_WEIGHT_FORMATS
 
 CHOICES = {
     "trainer.mode": ("lora", "full"),
@@ -17,7 +18,7 @@ CHOICES = {
     "flow.sigma_sampling": ("uniform", "logit_normal", "mode"),
     "flow.loss_weighting": ("none", "cosmap", "sigma_sqrt"),
     "optimizer.name": ("adamw", "adamw8bit"),
-    "memory.base_weights": ("bf16", "int8", "nf4", "fp8", "fp8-block"),
+    "memory.base_weights": BASE_WEIGHT_FORMATS,
     "optimizer.scheduler": ("constant", "linear", "cosine"),
     "logging.logger": ("wandb", "tensorboard", "none"),
     "logging.wandb_mode": ("offline", "online"),

@@ -18,12 +18,6 @@ from happyhorse_train.errors import RunHalted, UserInputError
 class Replicated:
     """Single process or DDP: the loop sees the gradients before the optimizer steps."""
 
-    name = "replicated"
-    zero_stage = 0
-
-    def __init__(self, accelerator):
-        self.accelerator = accelerator
-
     def check_supported(self, cfg) -> None:
         pass
 
@@ -39,10 +33,7 @@ class Replicated:
 
 
 class DeepSpeedZero(Replicated):
-    name = "deepspeed"
-
     def __init__(self, accelerator):
-        super().__init__(accelerator)
         self.plugin = accelerator.state.deepspeed_plugin
         self.zero_stage = int(self.plugin.zero_stage)
 
@@ -100,9 +91,7 @@ class DeepSpeedZero(Replicated):
 
 
 def distributed_strategy(accelerator) -> Replicated:
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        return DeepSpeedZero(accelerator)
-    return Replicated(accelerator)
+    return DeepSpeedZero(accelerator) if is_deepspeed(accelerator) else Replicated()
 
 
 def is_deepspeed(accelerator) -> bool:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from happyhorse_train.memory.quantize import BASE_WEIGHT_FORMATS as BASE_FORMATS  # noqa: F401  (one list)
+from happyhorse_train.memory.quantize import FP8_BLOCK_SIZE as FP8_SCALE_BLOCK  # noqa: F401  (one tile size)
+
 GiB = 2**30
 
 # --- assumptions: each stands in for a measurement we do not have yet ---------------------------------
@@ -29,9 +32,7 @@ PREFETCHED_BLOCKS = 2  # blocks' weights in flight with block swap, ZeRO-3 (the 
 # with benchmarks/ numbers when those exist.
 DEQUANT_SLOWDOWN = {"bf16": 1.00, "fp8": 1.05, "fp8-block": 1.08, "int8": 1.15, "nf4": 1.20}
 NF4_BLOCK = 64  # bitsandbytes 4-bit blocksize: one float32 absmax per 64 values (no double quantization)
-FP8_SCALE_BLOCK = 128  # fp8-block: one float32 scale per 128 x 128 tile of a weight
 
-BASE_FORMATS = tuple(DEQUANT_SLOWDOWN)
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2}  # per trainable parameter: two fp32 / two 8-bit moments
 # torch's foreach AdamW builds sqrt(v) for all parameters at once: one fp32 temporary per parameter.
 OPTIMIZER_STEP_TEMP_BYTES = {"adamw": 4, "adamw8bit": 0}
