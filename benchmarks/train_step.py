@@ -36,6 +36,7 @@ if str(ROOT) not in sys.path:
 
 from happyhorse_train.models.presets import CONFIG_DIR, load_preset  # noqa: E402
 from happyhorse_train.models.spec import get_spec  # noqa: E402
+from happyhorse_train.memory.planner import latent_shape, parse_size  # noqa: E402  (the planner's, checked)
 from happyhorse_train.memory.offload import BlockSwap, offloaded_checkpoint, repeated_blocks  # noqa: E402
 from happyhorse_train.memory.quantize import BASE_WEIGHT_FORMATS, mark_quantized, quantizable_linear_names, quantize_linear  # noqa: E402
 from happyhorse_train.memory.streamed_load import peak_host_ram_bytes  # noqa: E402
@@ -43,28 +44,8 @@ from happyhorse_train.training.adapters import make_trainable, trainable_paramet
 from happyhorse_train.training.optim import build_optimizer  # noqa: E402
 from happyhorse_train.training.step import flow_matching_loss, sample_generator  # noqa: E402
 
-VAE_SPATIAL, VAE_TEMPORAL = 8, 4  # the Wan 2.1 VAE of every preset here (configs/model/*.yaml)
-
 
 # --- setup --------------------------------------------------------------------------------------------------
-
-def parse_size(text: str) -> tuple[int, int, int]:
-    width, height, frames = (int(part) for part in text.lower().split("x"))
-    return width, height, frames
-
-
-def latent_shape(preset: dict, width: int, height: int, frames: int) -> tuple[int, int, int, int]:
-    """(C, F', H', W'), with the same checks as models/geometry.video_latent_shape (on a stand-in pipe)."""
-    from happyhorse_train.models.geometry import video_latent_shape
-
-    tcfg = preset["transformer"]
-    pipe = SimpleNamespace(
-        vae_scale_factor_spatial=VAE_SPATIAL, vae_scale_factor_temporal=VAE_TEMPORAL,
-        transformer=SimpleNamespace(config=SimpleNamespace(patch_size=tcfg.get("patch_size", [1, 2, 2]),
-                                                           in_channels=tcfg.get("in_channels", 16))),
-    )
-    return video_latent_shape(pipe, height, width, frames)
-
 
 def vae_config(preset: dict) -> SimpleNamespace:
     """The VAE config fields normalize_latents reads: the preset's, else AutoencoderKLWan's defaults (tiny's
