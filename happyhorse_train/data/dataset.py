@@ -49,13 +49,7 @@ class CachedClipDataset(Dataset):
 
 def collate_clips(items: list[dict]) -> dict:
     """Stack latents (one shape per batch) and right-pad text states, with a mask of real tokens."""
-    longest = max(item["text_states"].shape[0] for item in items)
-    dim = items[0]["text_states"].shape[1]
-    text = torch.zeros(len(items), longest, dim, dtype=items[0]["text_states"].dtype)
-    mask = torch.zeros(len(items), longest, dtype=torch.bool)
-    for i, item in enumerate(items):
-        length = item["text_states"].shape[0]
-        text[i, :length], mask[i, :length] = item["text_states"], True
+    text, mask = pad_text_states([item["text_states"] for item in items])
     return {
         "latent_mean": torch.stack([item["latent_mean"] for item in items]),
         "latent_std": torch.stack([item["latent_std"] for item in items]),
@@ -63,3 +57,13 @@ def collate_clips(items: list[dict]) -> dict:
         "text_mask": mask,
         "clip_ids": [item["clip_id"] for item in items],
     }
+
+
+def pad_text_states(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens_i, dim) text states -> (batch, longest, dim) right-padded with zeros, and a bool mask of real tokens."""
+    longest = max(row.shape[0] for row in rows)
+    text = torch.zeros(len(rows), longest, rows[0].shape[1], dtype=rows[0].dtype)
+    mask = torch.zeros(len(rows), longest, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        text[i, : row.shape[0]], mask[i, : row.shape[0]] = row, True
+    return text, mask

@@ -8,8 +8,9 @@ import torch
 
 def _stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     shape = (1, -1, 1, 1, 1)
-    mean = torch.tensor(vae.config.latents_mean, device=like.device).view(shape)
-    std = torch.tensor(vae.config.latents_std, device=like.device).view(shape)
+    # Built on the host and queued to the device: `torch.tensor(list, device=cuda)` would wait for the GPU.
+    mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32).view(shape).to(like.device, non_blocking=True)
+    std = torch.tensor(vae.config.latents_std, dtype=torch.float32).view(shape).to(like.device, non_blocking=True)
     return mean, std
 
 

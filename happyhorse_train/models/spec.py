@@ -68,10 +68,11 @@ class ModelSpec(ABC):
         noisy_latents: torch.Tensor,
         timesteps: torch.Tensor,
         text_states: torch.Tensor,
-        text_mask: torch.Tensor,
+        text_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         """One training forward: the flow-matching velocity for normalized (B, C, T, H, W) latents, with the
-        text conditioning prepared exactly as the backbone's pipeline prepares it at inference."""
+        text conditioning prepared exactly as the backbone's pipeline prepares it at inference. `text_mask`
+        (B, tokens), True for real tokens, is None when no token is padding."""
 
     def normalize_latents(self, pipe, latents: torch.Tensor) -> torch.Tensor:
         """VAE latents -> the space the transformer denoises in (the inverse of what the pipeline decodes)."""

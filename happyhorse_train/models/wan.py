@@ -59,7 +59,7 @@ class WanSpec(ModelSpec):
     def predict_velocity(self, transformer, noisy_latents, timesteps, text_states, text_mask):
         # WanPipeline feeds prompts zero-padded to max_sequence_length with no mask, and cross-attention
         # does attend to the zero rows: training must see exactly that, or inference drifts from it.
-        text = text_states * text_mask.unsqueeze(-1).to(text_states.dtype)
+        text = text_states if text_mask is None else text_states * text_mask.unsqueeze(-1).to(text_states.dtype)
         text = F.pad(text[:, : self.max_sequence_length], (0, 0, 0, self.max_sequence_length - min(text.shape[1], self.max_sequence_length)))
         return transformer(
             hidden_states=noisy_latents, timestep=timesteps, encoder_hidden_states=text, return_dict=False

@@ -115,6 +115,8 @@ class HappyHorsePipeline(DiffusionPipeline, HappyHorseLoraLoaderMixin):
         do_cfg = guidance_scale > 1.0
         # With guidance, conditional and unconditional halves run as one batch: one transformer call per step.
         text_states, text_mask = self.encode_prompt(prompts + negatives if do_cfg else prompts, max_sequence_length, device)
+        if bool(text_mask.all()):  # nothing padded (one read, before the loop): attention runs without a mask
+            text_mask = None
 
         if latents is None:
             latents = randn_tensor((len(prompts), *latent_shape), generator=generator, device=device, dtype=torch.float32)
