@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import peft
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from happyhorse_train.errors import UserInputError
 
@@ -38,7 +39,16 @@ def make_trainable(
     for param in transformer.parameters():
         if param.requires_grad:
             param.data = param.data.float()
+    skip_lora_input_casts(transformer)
     return config
+
+
+def skip_lora_input_casts(model: torch.nn.Module) -> None:
+    """peft casts each LoRA input to the adapter's float32; autocast casts it straight back for the matmul.
+    Skipping the cast saves a float32 copy of every adapted layer's input, with the same result."""
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = False
 
 
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

@@ -12,7 +12,9 @@ def build_optimizer(parameters: list[torch.nn.Parameter], cfg) -> torch.optim.Op
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(parameters, **kwargs)
-    return torch.optim.AdamW(parameters, **kwargs)
+    # One fused kernel over all parameters instead of a chain of foreach kernels (CUDA and CPU both have it).
+    fused = all(p.device.type in ("cuda", "cpu") and p.dtype.is_floating_point for p in parameters)
+    return torch.optim.AdamW(parameters, fused=fused, **kwargs)
 
 
 def build_lr_schedule(optimizer: torch.optim.Optimizer, cfg, max_steps: int):

@@ -52,7 +52,7 @@ def _saved_by_a_real_step(preset_name: str, model, spec, checkpointing: bool):
     generator = torch.Generator().manual_seed(1)
     latents = torch.randn(1, *latent, generator=generator)
     text = torch.randn(1, TEXT_TOKENS, preset["transformer"]["text_dim"], generator=generator)
-    mask = torch.ones(1, TEXT_TOKENS, dtype=torch.bool)
+    mask = None  # unpadded text: the trainer passes no mask (training/step.py)
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved, block_inputs, hidden_states = {}, set(), set()
 

@@ -41,6 +41,7 @@ class Setting:
     blocks_to_swap: int = 0  # memory.blocks_to_swap: blocks whose weights live in pinned host RAM
     optimizer: str = "adamw"  # optimizer.name
     accelerate_config: str | None = None  # configs/accelerate/<name>.yaml for several GPUs
+    saved_attention_blocks: int = 0  # memory.saved_attention_blocks: blocks whose attention output is kept
 
     def overrides(self) -> list[str]:
         return [
@@ -49,6 +50,7 @@ class Setting:
             f"memory.offload_activations={str(self.offload_activations).lower()}",
             f"memory.blocks_to_swap={self.blocks_to_swap}",
             f"optimizer.name={self.optimizer}",
+            f"memory.saved_attention_blocks={self.saved_attention_blocks}",
         ]
 
     def changed_overrides(self) -> list[str]:
@@ -175,6 +177,10 @@ def _deepspeed_layout(request: PlanRequest, setting: Setting, facts: ModelFacts)
                   host_node=model_bf16 + (4 + 4 + state_bytes) * trainable, host_transfer_per_pass=model_bf16 // n)
 
 
+def _kept_attention_bytes(setting: Setting, profile: ActivationProfile) -> int:
+    return profile.attention_outputs * setting.saved_attention_blocks // profile.num_blocks
+
+
 def _swapped_blocks(facts: ModelFacts, setting: Setting) -> list[dict[str, int]]:
     # Conservative: the smallest blocks are the ones swapped (least memory saved).
     return sorted(facts.block_bytes, key=lambda b: b["bf16"])[: setting.blocks_to_swap]
@@ -211,9 +217,12 @@ def _activation_moments(setting: Setting, profile: ActivationProfile, layout: La
             kept = profile.shared_block_inputs() + PREFETCHED_BLOCKS * -(-profile.hidden_states() // profile.num_blocks)
         last_kept, recompute = one_boundary, max(profile.saved_per_block)
         cached_casts = layout.autocast_copies  # autocast's cache holds every weight's bf16 cast until the forward ends
+    attention = _kept_attention_bytes(setting, profile)
     return {
-        "forward end": {"activations": kept + outside, "autocast weight copies": cached_casts},
-        "backward start": {"activations": kept + outside + recompute, "backward working set": transient},
+        "forward end": {"activations": kept + outside, "kept attention outputs": attention,
+                        "autocast weight copies": cached_casts},
+        "backward start": {"activations": kept + outside + recompute, "kept attention outputs": attention,
+                           "backward working set": transient},
         "backward end": {"gradients": layout.grads, "activations": last_kept + outside + recompute,
                          "backward working set": transient},
         "optimizer step": {"gradients": layout.grads, "optimizer step temporaries": layout.step_temp},
@@ -268,8 +277,9 @@ def _step_time(request, setting, profile, layout, facts) -> dict[str, float]:
     linear = profile.linear_flops * DEQUANT_SLOWDOWN[setting.base_weights]
     recompute = 1 if setting.gradient_checkpointing else 0
     linear_backward = 2 if request.mode == "full" else 1  # a frozen base needs no weight gradients
+    attention_recomputed = recompute * (1 - setting.saved_attention_blocks / profile.num_blocks)
     forward_s = (linear + profile.attention_flops) / rate
-    backward_s = (linear * (linear_backward + recompute) + profile.attention_flops * (2 + recompute)) / rate
+    backward_s = (linear * (linear_backward + recompute) + profile.attention_flops * (2 + attention_recomputed)) / rate
 
     offloaded = profile.hidden_states() if setting.offload_activations else 0
     weights_in = layout.host_transfer_per_pass
@@ -354,6 +364,20 @@ def _can_swap(request: PlanRequest, setting: Setting) -> bool:
             and setting.accelerate_config in (None, "multi_gpu"))
 
 
+def _can_keep_attention(setting: Setting) -> bool:
+    # train.py takes it with plain checkpointing only, and refuses it under DeepSpeed (untested there).
+    deepspeed = bool(setting.accelerate_config and setting.accelerate_config.startswith("deepspeed"))
+    return setting.gradient_checkpointing and not setting.offload_activations and not deepspeed
+
+
+def _most_attention_kept_that_fits(request, setting, facts, profile) -> Estimate | None:
+    for blocks in range(facts.num_blocks, 0, -1):
+        kept = estimate(request, replace(setting, saved_attention_blocks=blocks), facts, profile)
+        if kept.fits:
+            return kept
+    return None
+
+
 def _smallest_swap_that_fits(request, setting, facts, profile) -> Estimate | None:
     for blocks in range(1, facts.num_blocks + 1):
         swapped = estimate(request, replace(setting, blocks_to_swap=blocks), facts, profile)
@@ -412,6 +436,11 @@ def plan(request: PlanRequest) -> Plan:
             swapped = _smallest_swap_that_fits(request, setting, facts, profile)
             if swapped is not None:
                 estimates.append(swapped)
+                plain = swapped
+        if plain.fits and _can_keep_attention(plain.setting):
+            kept = _most_attention_kept_that_fits(request, plain.setting, facts, profile)
+            if kept is not None:
+                estimates.append(kept)
     estimates.sort(key=_rank)
     return Plan(request, facts, profile, estimates, _notes(request, facts))
 

@@ -11,6 +11,7 @@ import torch
 from happyhorse_train.memory.planner.assumptions import BASE_FORMATS, COMPUTE_DTYPE, FP8_SCALE_BLOCK, NF4_BLOCK
 from happyhorse_train.models.presets import load_preset
 from happyhorse_train.models.spec import get_spec
+from happyhorse_train.training.adapters import skip_lora_input_casts
 
 
 @contextlib.contextmanager
@@ -57,6 +58,7 @@ def meta_training_transformer(preset: dict, lora_rank: int | None) -> torch.nn.M
     for param in model.parameters():
         if param.requires_grad:
             param.data = param.data.float()
+    skip_lora_input_casts(model)
     return model.train()
 
 

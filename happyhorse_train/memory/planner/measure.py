@@ -42,6 +42,7 @@ class FlashLikeAttention(torch.autograd.Function):
             probs, lse = _attention_probs(q, _expand_heads(k, q), key_mask, scale)
             out = (probs @ _expand_heads(v, q).to(probs.dtype)).to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
+        _ATTENTION_OUTPUT_BYTES[0] += out.numel() * out.element_size() + lse.numel() * lse.element_size()
         ctx.key_mask, ctx.scale = key_mask, scale  # the mask is an input (flash: tiny sequence offsets)
         _ATTENTION_FLOPS[0] += 4 * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.shape[3]
         return out
@@ -68,6 +69,7 @@ class FlashLikeAttention(torch.autograd.Function):
 
 
 _ATTENTION_FLOPS = [0]  # forward attention FLOPs since the last reset (4 B H Lq Lk D per call)
+_ATTENTION_OUTPUT_BYTES = [0]  # bytes of the outputs and log-sum-exps attention kept since the last reset
 
 
 def _expand_heads(kv: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -182,6 +184,7 @@ class SavedTensorLedger:
         self.largest = 0
         self.linear_flops = 0  # filled in by the caller's FLOP counter
         self.attention_flops = 0
+        self.attention_output_bytes = 0
 
     def pack(self, tensor: torch.Tensor) -> torch.Tensor:
         key = _storage_key(tensor)
@@ -238,6 +241,7 @@ class ActivationProfile:
     largest_saved: int  # the biggest single saved tensor
     linear_flops: int  # forward matmul FLOPs outside attention
     attention_flops: int  # forward attention FLOPs
+    attention_outputs: int  # attention's outputs and log-sum-exps, all blocks (what saved_attention_blocks keeps)
 
     @property
     def sequence_tokens(self) -> int:
@@ -301,6 +305,7 @@ def measure_activations(
         largest_saved=plain.largest,
         linear_flops=plain.linear_flops,
         attention_flops=plain.attention_flops,
+        attention_outputs=plain.attention_output_bytes,
     )
 
 
@@ -310,7 +315,7 @@ def _meta_inputs(preset: dict, batch_size: int, latent: tuple[int, ...], text_to
         noisy_latents=torch.empty(batch_size, *latent, **meta),  # float32, as the trainer feeds them
         timesteps=torch.empty(batch_size, **meta),
         text_states=torch.empty(batch_size, text_tokens, preset["transformer"]["text_dim"], **meta),
-        text_mask=torch.ones(batch_size, text_tokens, dtype=torch.bool, **meta),
+        text_mask=None,  # unpadded text: the trainer passes no mask then (training/step.py)
     )
 
 
@@ -320,7 +325,7 @@ def _count_saved(model, blocks, spec, inputs, checkpointing: bool) -> SavedTenso
     else:
         model.disable_gradient_checkpointing()
     ledger = SavedTensorLedger(model)
-    _ATTENTION_FLOPS[0] = 0
+    _ATTENTION_FLOPS[0] = _ATTENTION_OUTPUT_BYTES[0] = 0
     with warnings.catch_warnings():
         # fp32 norm weights meeting bf16 inputs (a full fine-tune): torch says it takes the composite path, as on a GPU
         warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
@@ -328,6 +333,7 @@ def _count_saved(model, blocks, spec, inputs, checkpointing: bool) -> SavedTenso
     # On meta the attention stand-in does no matmuls, so the counter sees only the linear layers.
     ledger.linear_flops = flops.get_total_flops()
     ledger.attention_flops = _ATTENTION_FLOPS[0]
+    ledger.attention_output_bytes = _ATTENTION_OUTPUT_BYTES[0]
     model.disable_gradient_checkpointing()
     return ledger
 
