@@ -115,6 +115,7 @@ class TrainerConfig:
     ema: bool = False
     ema_decay: float = 0.999
     max_consecutive_nonfinite: int = 10
+    compile: bool = False
 
 
 @dataclass
@@ -122,6 +123,7 @@ class MemoryConfig:
     base_weights: str = "bf16"
     blocks_to_swap: int = 0
     offload_activations: bool = False
+    saved_attention_blocks: int = 0
 
 
 @dataclass

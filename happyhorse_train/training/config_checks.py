@@ -77,9 +77,20 @@ def _memory_problems(cfg) -> list[str]:
         problems.append(f"memory.blocks_to_swap={memory.blocks_to_swap}: must be 0 or more")
     if memory.blocks_to_swap and cfg.trainer.mode != "lora":
         problems.append("memory.blocks_to_swap: swaps frozen weights only; use trainer.mode=lora (or DeepSpeed ZeRO-3 offload)")
-    for key, on in (("memory.blocks_to_swap", memory.blocks_to_swap), ("memory.offload_activations", memory.offload_activations)):
+    needs_checkpointing = (
+        ("memory.blocks_to_swap", memory.blocks_to_swap),
+        ("memory.offload_activations", memory.offload_activations),
+        ("memory.saved_attention_blocks", memory.saved_attention_blocks),
+    )
+    for key, on in needs_checkpointing:
         if on and not cfg.trainer.gradient_checkpointing:
             problems.append(f"{key} needs trainer.gradient_checkpointing=true (blocks must keep nothing between passes)")
+    if memory.saved_attention_blocks < 0:
+        problems.append(f"memory.saved_attention_blocks={memory.saved_attention_blocks}: must be 0 or more")
+    if memory.saved_attention_blocks and memory.offload_activations:
+        problems.append("memory.saved_attention_blocks: offloaded checkpointing keeps block inputs only; set one of the two")
+    if cfg.trainer.compile and memory.blocks_to_swap:
+        problems.append("trainer.compile: block swap moves weights from hooks inside the blocks; set one of the two")
     return problems
 
 

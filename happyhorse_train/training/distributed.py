@@ -53,6 +53,10 @@ class DeepSpeedZero(Replicated):
             )
         if cfg.memory.offload_activations:
             problems.append("memory.offload_activations: untested under DeepSpeed's parameter hooks; ZeRO shards instead")
+        if cfg.trainer.compile:
+            problems.append("trainer.compile: untested with DeepSpeed's parameter hooks")
+        if cfg.memory.saved_attention_blocks:
+            problems.append("memory.saved_attention_blocks: untested with DeepSpeed's parameter hooks")
         if cfg.memory.blocks_to_swap:
             problems.append("memory.blocks_to_swap: block swap is for one GPU; ZeRO-3 (with offload) shards instead")
         if problems:

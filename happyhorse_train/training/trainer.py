@@ -21,7 +21,8 @@ from happyhorse_train.data.sampler import BucketBatchSampler
 from happyhorse_train.errors import RunHalted, UserInputError
 from happyhorse_train.evaluation.loggers import RunLog
 from happyhorse_train.evaluation.validation import render_validation
-from happyhorse_train.memory.offload import BlockSwap, offloaded_checkpoint, repeated_blocks
+from happyhorse_train.memory.checkpointing import checkpointing_function, compile_blocks
+from happyhorse_train.memory.offload import BlockSwap, repeated_blocks
 from happyhorse_train.memory.streamed_load import peak_host_ram_bytes
 from happyhorse_train.models.geometry import video_latent_shape
 from happyhorse_train.models.spec import get_spec
@@ -118,7 +119,9 @@ def train(cfg) -> Path:
     transformer = pipe.transformer
     lora_config = make_trainable(transformer, cfg.trainer.mode, cfg.lora, spec.default_lora_targets, compute_dtype)
     if cfg.trainer.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing(offloaded_checkpoint if cfg.memory.offload_activations else None)
+        transformer.enable_gradient_checkpointing(checkpointing_function(transformer, cfg))
+    if cfg.trainer.compile:
+        compile_blocks(transformer)
     transformer.train()
     params = list(trainable_parameters(transformer).values())
     optimizer = build_optimizer(params, cfg.optimizer)
@@ -156,7 +159,7 @@ def train(cfg) -> Path:
         for batch in loader:
             state.batches_in_epoch += 1
             generators = [
-                sample_generator(cfg.seed, state.step, micro_step % accumulation, clip_id, accelerator.device)
+                sample_generator(cfg.seed, state.step, micro_step % accumulation, clip_id)
                 for clip_id in batch["clip_ids"]
             ]
             micro_step += 1

@@ -1,0 +1,59 @@
+"""Selective checkpointing: blocks that keep their attention output give the same gradients as full
+checkpointing, and their attention kernels really run once instead of twice."""
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from happyhorse_train.memory.checkpointing import ATTENTION_OPS, BlockCheckpointing
+from happyhorse_train.memory.offload import repeated_blocks
+from happyhorse_train.models.presets import CONFIG_DIR
+from happyhorse_train.models.spec import get_spec
+from happyhorse_train.training.adapters import make_trainable
+from tests.unit.test_transformer import tiny_inputs, tiny_transformer
+
+
+class AttentionKernelCount(TorchDispatchMode):
+    """Counts attention kernels that execute (a result served from the checkpoint's store is not counted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in ATTENTION_OPS
+        return func(*args, **(kwargs or {}))
+
+
+def lora_model():
+    model = tiny_transformer()
+    lora = OmegaConf.load(CONFIG_DIR / "lora" / "default.yaml")
+    lora.rank, lora.dropout = 4, 0.0
+    torch.manual_seed(1)
+    make_trainable(model, "lora", lora, get_spec("happyhorse").default_lora_targets, torch.float32)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:  # LoRA B starts at zero: random adapters give every adapter a gradient
+                param.normal_(0, 0.02)
+    return model.train()
+
+
+def gradients_and_kernel_count(saved_attention_blocks: int):
+    model = lora_model()
+    model.enable_gradient_checkpointing(BlockCheckpointing(repeated_blocks(model), saved_attention_blocks, compiled=False))
+    latents, text, timestep = tiny_inputs()
+    with AttentionKernelCount() as counter:
+        model(latents, text, timestep).sample.square().mean().backward()
+    return {name: p.grad for name, p in model.named_parameters() if p.requires_grad}, counter.count
+
+
+@pytest.mark.parametrize("saved", [1, 3])
+def test_kept_attention_gives_the_same_gradients_and_is_not_recomputed(saved):
+    reference, full_count = gradients_and_kernel_count(0)
+    grads, count = gradients_and_kernel_count(saved)
+    assert full_count == 2 * 3  # 3 blocks: forward, then again in the backward
+    assert count == 3 + (3 - saved)
+    assert grads.keys() == reference.keys() and len(grads) > 20
+    for name in reference:
+        torch.testing.assert_close(grads[name], reference[name], rtol=0, atol=0, msg=name)
