@@ -34,10 +34,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from happyhorse_train.models import attention as attention_hook  # noqa: E402
 from happyhorse_train.models.presets import CONFIG_DIR, load_preset  # noqa: E402
 from happyhorse_train.models.spec import get_spec  # noqa: E402
 from happyhorse_train.memory.planner import latent_shape, parse_size  # noqa: E402  (the planner's, checked)
-from happyhorse_train.memory.offload import BlockSwap, offloaded_checkpoint, repeated_blocks  # noqa: E402
+from happyhorse_train.memory.checkpointing import checkpointing_function, compile_blocks  # noqa: E402
+from happyhorse_train.memory.offload import BlockSwap, repeated_blocks  # noqa: E402
 from happyhorse_train.memory.quantize import BASE_WEIGHT_FORMATS, mark_quantized, quantizable_linear_names, quantize_linear  # noqa: E402
 from happyhorse_train.memory.streamed_load import peak_host_ram_bytes  # noqa: E402
 from happyhorse_train.training.adapters import make_trainable, trainable_parameters  # noqa: E402
@@ -86,15 +88,20 @@ def compute_dtype_for(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def setup_toolkit(preset, mode, rank, device, seed=0, caption_dropout=0.1, memory=None):
+MEMORY_DEFAULTS = OmegaConf.load(CONFIG_DIR / "memory" / "default.yaml")
+
+
+def setup_toolkit(preset, mode, rank, device, seed=0, caption_dropout=0.1, memory=None, compile=False):
     """The toolkit's trainable model as train.py sets it up; returns (model, params, optimizer, spec, pipe, cfg).
 
-    `memory` (base_weights, offload_activations, blocks_to_swap) applies the memory settings as train.py does;
-    quantization here converts the built layers in place (train.py streams them from the model folder)."""
+    `memory` (the memory config group's fields) and `compile` (trainer.compile) apply those settings as
+    train.py does; quantization here converts the built layers in place (train.py streams them from the
+    model folder)."""
     spec = get_spec(preset["backbone"])
     compute = compute_dtype_for(device)
     cfg = train_cfg(mode, rank, caption_dropout)
-    memory = memory or SimpleNamespace(base_weights="bf16", offload_activations=False, blocks_to_swap=0)
+    memory = memory or SimpleNamespace(**MEMORY_DEFAULTS)
+    cfg.memory, cfg.trainer = memory, SimpleNamespace(compile=compile)
     model = build_transformer(preset, device, compute if mode == "lora" else torch.float32, seed)
     if memory.base_weights != "bf16":
         for name in quantizable_linear_names(model):
@@ -104,7 +111,9 @@ def setup_toolkit(preset, mode, rank, device, seed=0, caption_dropout=0.1, memor
         mark_quantized(model, memory.base_weights)
     torch.manual_seed(seed)
     make_trainable(model, mode, cfg.lora, spec.default_lora_targets, compute)
-    model.enable_gradient_checkpointing(offloaded_checkpoint if memory.offload_activations else None)
+    model.enable_gradient_checkpointing(checkpointing_function(model, cfg))
+    if compile:
+        compile_blocks(model)
     model.train()
     if memory.blocks_to_swap:
         model._block_swap = BlockSwap(repeated_blocks(model), memory.blocks_to_swap, device)
@@ -139,26 +148,41 @@ def setup_baseline(preset, mode, rank, device, seed=0):
     return model, params, optimizer
 
 
-def synthetic_batch(shape, text_tokens, text_dim, batch_size, device, seed=0):
+def plain_sdpa(query, key, value, attn_mask):
+    """Attention as a user writes it: one SDPA call, torch's default kernel choice."""
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, enable_gqa=key.shape[1] != query.shape[1])
+
+
+attention_hook.register_attention_backend("benchmark-plain-sdpa", plain_sdpa)
+
+
+def baseline_attention():
+    """The baseline's model runs plain SDPA; the toolkit's runs its own kernel choice (models/attention.py)."""
+    return attention_hook.using_attention_backend("benchmark-plain-sdpa")
+
+
+def synthetic_batch(shape, text_tokens, text_dim, batch_size, seed=0):
+    """A host batch, as the trainer's loader yields it: both steps move it to the device themselves."""
     g = torch.Generator().manual_seed(seed)
     b = batch_size
     return {
-        "latent_mean": torch.randn(b, *shape, generator=g).to(device),
-        "latent_std": (0.05 * torch.rand(b, *shape, generator=g)).to(device),
-        "text_states": torch.randn(b, text_tokens, text_dim, generator=g).to(device),
-        "text_mask": torch.ones(b, text_tokens, dtype=torch.bool, device=device),
+        "latent_mean": torch.randn(b, *shape, generator=g),
+        "latent_std": 0.05 * torch.rand(b, *shape, generator=g),
+        "text_states": torch.randn(b, text_tokens, text_dim, generator=g),
+        "text_mask": torch.ones(b, text_tokens, dtype=torch.bool),
     }
 
 
 # --- one step each ------------------------------------------------------------------------------------------
 
 def toolkit_loss(model, spec, pipe, cfg, batch, generators, device):
-    empty_text = torch.zeros(1, batch["text_states"].shape[-1], device=device)
+    empty_text = torch.zeros(1, batch["text_states"].shape[-1])
     return flow_matching_loss(batch, generators, cfg, spec, pipe, model, empty_text, device, compute_dtype_for(device))
 
 
 def baseline_loss(model, x0, noise, sigma, text, device):
     """The textbook rectified-flow loss, written inline."""
+    text = text.to(device)
     s = sigma.view(-1, 1, 1, 1, 1)
     x_t = (1 - s) * x0 + s * noise
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -168,8 +192,9 @@ def baseline_loss(model, x0, noise, sigma, text, device):
 
 def baseline_inputs(batch, vae_cfg, seeds_or_none, device, flow=None):
     """x0 (normalized), noise, sigma: from per-sample generators drawn in the toolkit's order when seeds are
-    given (the numerics check), else from the global RNG (the benchmark)."""
-    mean, std = batch["latent_mean"], batch["latent_std"]
+    given (the numerics check, on the host as the toolkit draws), else from the global RNG on the device (the
+    benchmark)."""
+    mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
     c = mean.shape[1]
     vmean = torch.tensor(vae_cfg.latents_mean, device=device).view(1, c, 1, 1, 1)
     vstd = torch.tensor(vae_cfg.latents_std, device=device).view(1, c, 1, 1, 1)
@@ -179,10 +204,10 @@ def baseline_inputs(batch, vae_cfg, seeds_or_none, device, flow=None):
     else:
         posterior, sigma, noise = [], [], []
         for g in seeds_or_none:
-            posterior.append(torch.randn(mean.shape[1:], generator=g, device=device))
-            sigma.append(torch.sigmoid(flow.logit_mean + flow.logit_std * torch.randn(1, generator=g, device=device))[0])
-            noise.append(torch.randn(mean.shape[1:], generator=g, device=device))
-        posterior, sigma, noise = torch.stack(posterior), torch.stack(sigma), torch.stack(noise)
+            posterior.append(torch.randn(mean.shape[1:], generator=g))
+            sigma.append(torch.sigmoid(flow.logit_mean + flow.logit_std * torch.randn(1, generator=g))[0])
+            noise.append(torch.randn(mean.shape[1:], generator=g))
+        posterior, sigma, noise = (torch.stack(x).to(device) for x in (posterior, sigma, noise))
     x0 = (mean + std * posterior - vmean) / vstd
     return x0, noise, sigma
 
@@ -195,14 +220,16 @@ def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def numerics_check(preset="tiny", size=(144, 96, 17), mode="lora", rank=32, device="cpu", text_tokens=32,
-                   seed=0, batch_size=1) -> dict:
+                   seed=0, batch_size=1, memory=None, compile=False) -> dict:
     """Same weights, same (x0, noise, sigma, text): the toolkit's loss and trained-parameter gradients vs. the
     hand-written baseline's. Returns loss values, the relative loss difference and the largest per-tensor
-    relative gradient difference (max |g_tk - g_bl| / max |g_bl|)."""
+    relative gradient difference (max |g_tk - g_bl| / max |g_bl|). `memory` and `compile`: the toolkit's
+    settings, as in setup_toolkit."""
     preset = load_preset(preset) if isinstance(preset, str) else preset
     device = torch.device(device)
     shape = latent_shape(preset, *size)
-    tk, tk_params, _, spec, pipe, cfg = setup_toolkit(preset, mode, rank, device, seed, caption_dropout=0.0)
+    tk, tk_params, _, spec, pipe, cfg = setup_toolkit(preset, mode, rank, device, seed, caption_dropout=0.0,
+                                                      memory=memory, compile=compile)
     bl, _, _ = setup_baseline(preset, mode, rank, device, seed)
     # LoRA B starts at zero, which would leave A's gradients zero: give the adapters random values, same in both.
     g = torch.Generator().manual_seed(seed + 1)
@@ -213,16 +240,17 @@ def numerics_check(preset="tiny", size=(144, 96, 17), mode="lora", rank=32, devi
                 if mode == "lora":
                     param.copy_((0.02 * torch.randn(param.shape, generator=g)).to(param))
                 bl_named[name].copy_(param)
-    batch = synthetic_batch(shape, text_tokens, preset["transformer"]["text_dim"], batch_size, device, seed)
+    batch = synthetic_batch(shape, text_tokens, preset["transformer"]["text_dim"], batch_size, seed)
     seeds = [seed * 1000 + i for i in range(batch_size)]
 
     loss_tk, _ = toolkit_loss(tk, spec, pipe, cfg, batch,
-                              [torch.Generator(device).manual_seed(s) for s in seeds], device)
+                              [torch.Generator().manual_seed(s) for s in seeds], device)
     loss_tk.backward()
-    x0, noise, sigma = baseline_inputs(batch, pipe.vae.config, [torch.Generator(device).manual_seed(s) for s in seeds],
+    x0, noise, sigma = baseline_inputs(batch, pipe.vae.config, [torch.Generator().manual_seed(s) for s in seeds],
                                        device, cfg.flow)
-    loss_bl = baseline_loss(bl, x0, noise, sigma, batch["text_states"], device)
-    loss_bl.backward()
+    with baseline_attention():
+        loss_bl = baseline_loss(bl, x0, noise, sigma, batch["text_states"], device)
+        loss_bl.backward()
 
     grad_rel, worst = 0.0, None
     for name, param in tk.named_parameters():
@@ -310,29 +338,34 @@ def time_steps(step, steps, warmup, device) -> list[float]:
 
 def run_toolkit(preset, args, device, shape, text_tokens) -> dict:
     _reset_peak(device)
-    memory = SimpleNamespace(base_weights=args.base_weights, offload_activations=args.offload_activations,
-                             blocks_to_swap=args.blocks_to_swap)
-    model, params, optimizer, spec, pipe, cfg = setup_toolkit(preset, args.mode, args.lora_rank, device, args.seed, memory=memory)
-    batch = synthetic_batch(shape, text_tokens, preset["transformer"]["text_dim"], args.batch_size, device, args.seed)
+    model, params, optimizer, spec, pipe, cfg = setup_toolkit(
+        preset, args.mode, args.lora_rank, device, args.seed, memory=memory_settings(args), compile=args.compile)
+    batch = synthetic_batch(shape, text_tokens, preset["transformer"]["text_dim"], args.batch_size, args.seed)
 
     def loss_of_step(i):
-        gens = [sample_generator(args.seed, i, 0, f"clip{j}", device) for j in range(args.batch_size)]
+        gens = [sample_generator(args.seed, i, 0, f"clip{j}") for j in range(args.batch_size)]
         return toolkit_loss(model, spec, pipe, cfg, batch, gens, device)[0]
 
     return _timed_training(loss_of_step, params, optimizer, args, device)
 
 
+def memory_settings(args) -> SimpleNamespace:
+    return SimpleNamespace(base_weights=args.base_weights, offload_activations=args.offload_activations,
+                           blocks_to_swap=args.blocks_to_swap, saved_attention_blocks=args.saved_attention_blocks)
+
+
 def run_baseline(preset, args, device, shape, text_tokens) -> dict:
     _reset_peak(device)
     model, params, optimizer = setup_baseline(preset, args.mode, args.lora_rank, device, args.seed)
-    batch = synthetic_batch(shape, text_tokens, preset["transformer"]["text_dim"], args.batch_size, device, args.seed)
+    batch = synthetic_batch(shape, text_tokens, preset["transformer"]["text_dim"], args.batch_size, args.seed)
     vae_cfg = vae_config(preset)
 
     def loss_of_step(i):
         x0, noise, sigma = baseline_inputs(batch, vae_cfg, None, device)
         return baseline_loss(model, x0, noise, sigma, batch["text_states"], device)
 
-    return _timed_training(loss_of_step, params, optimizer, args, device)
+    with baseline_attention():
+        return _timed_training(loss_of_step, params, optimizer, args, device)
 
 
 def _timed_training(loss_of_step, params, optimizer, args, device) -> dict:
@@ -379,6 +412,10 @@ def main(argv=None) -> dict:
                         help="toolkit side: frozen base format (memory.base_weights)")
     parser.add_argument("--offload-activations", action="store_true", help="toolkit side: memory.offload_activations")
     parser.add_argument("--blocks-to-swap", type=int, default=0, help="toolkit side: memory.blocks_to_swap")
+    parser.add_argument("--saved-attention-blocks", type=int, default=0,
+                        help="toolkit side: memory.saved_attention_blocks")
+    parser.add_argument("--compile", action="store_true", help="toolkit side: trainer.compile (the warm-up steps "
+                        "pay the compile; give --warmup 2 or more)")
     parser.add_argument("--gpu-memory-cap", type=float, default=None,
                         help="GiB: cap the toolkit run with torch.cuda.set_per_process_memory_fraction (the baseline "
                              "runs first, uncapped)")
@@ -417,7 +454,8 @@ def main(argv=None) -> dict:
     numerics = None
     if not args.skip_numerics:
         nsize = parse_size(args.numerics_size) if args.numerics_size else size
-        numerics = numerics_check(preset, nsize, args.mode, args.lora_rank, device, text_tokens, args.seed, args.batch_size)
+        numerics = numerics_check(preset, nsize, args.mode, args.lora_rank, device, text_tokens, args.seed,
+                                  args.batch_size, memory_settings(args), args.compile)
 
     result = {
         "preset": args.preset, "size": "x".join(map(str, size)), "latent_shape": list(shape), "mode": args.mode,
@@ -430,8 +468,8 @@ def main(argv=None) -> dict:
         "floor_step_s": flops / peak,
         "steps": args.steps, "warmup": args.warmup,
         "toolkit": toolkit, "baseline": baseline,
-        "toolkit_memory_settings": {"base_weights": args.base_weights, "offload_activations": args.offload_activations,
-                                    "blocks_to_swap": args.blocks_to_swap, "gpu_memory_cap_gib": args.gpu_memory_cap},
+        "toolkit_settings": {**vars(memory_settings(args)), "compile": args.compile,
+                             "gpu_memory_cap_gib": args.gpu_memory_cap},
         "peak_host_ram_gib": peak_host_ram_bytes() / 2**30,
         "ratio_baseline_over_toolkit": baseline["median_step_s"] / toolkit["median_step_s"],
         "numerics": numerics,

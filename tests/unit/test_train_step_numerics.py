@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -26,6 +27,24 @@ def test_toolkit_loss_and_lora_grads_match_hand_written_baseline():
     assert result["loss_toolkit"] == pytest.approx(result["loss_baseline"], rel=1e-5)
     assert result["loss_rel_diff"] <= 1e-5
     assert result["grad_max_rel_diff"] <= 1e-5, result["grad_worst_param"]
+
+
+def test_toolkit_with_kept_attention_matches_the_baseline_too():
+    memory = _bench().memory_settings(SimpleNamespace(
+        base_weights="bf16", offload_activations=False, blocks_to_swap=0, saved_attention_blocks=2))
+    result = _bench().numerics_check(preset="tiny", size=(144, 96, 17), rank=8, device="cpu", memory=memory)
+    assert result["loss_rel_diff"] <= 1e-5 and result["grad_max_rel_diff"] <= 1e-5, result["grad_worst_param"]
+
+
+def test_inference_benchmark_guided_batch_equals_two_forwards(tmp_path):
+    out = tmp_path / "inference.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "inference_forward.py"), "--preset", "tiny", "--size",
+               "144x96x17", "--steps", "2", "--warmup", "1", "--device", "cpu", "--json", str(out)]
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True, timeout=120)
+    result = json.loads(out.read_text())
+    # One batch of (prompt, padded and masked empty prompt) computes what two separate forwards compute.
+    assert result["guided_output_max_rel_diff"] < 1e-5 and result["forward_output_max_rel_diff"] < 1e-5
+    assert result["forward_ratio_baseline_over_toolkit"] > 0 and result["guided_ratio_baseline_over_toolkit"] > 0
 
 
 def test_numerics_check_notices_a_different_step():
