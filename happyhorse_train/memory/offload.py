@@ -23,9 +23,10 @@ from torch import nn
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     """The model's repeated blocks in execution order (modules whose class diffusers marks as repeated)."""
     names = set(getattr(model, "_repeated_blocks", []) or [])
-    if not names:
-        raise ValueError(f"{type(model).__name__} does not mark its repeated blocks (_repeated_blocks)")
-    return [module for module in model.modules() if type(module).__name__ in names]
+    blocks = [module for module in model.modules() if type(module).__name__ in names]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no repeated blocks its _repeated_blocks names ({sorted(names)})")
+    return blocks
 
 
 # --- activation offload --------------------------------------------------------------------------

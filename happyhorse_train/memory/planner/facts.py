@@ -11,6 +11,7 @@ import torch
 from happyhorse_train.memory.planner.assumptions import BASE_FORMATS, COMPUTE_DTYPE, FP8_SCALE_BLOCK, NF4_BLOCK
 from happyhorse_train.models.presets import load_preset
 from happyhorse_train.models.spec import get_spec
+from happyhorse_train.memory.offload import repeated_blocks
 from happyhorse_train.training.adapters import skip_lora_input_casts
 
 
@@ -60,15 +61,6 @@ def meta_training_transformer(preset: dict, lora_rank: int | None) -> torch.nn.M
             param.data = param.data.float()
     skip_lora_input_casts(model)
     return model.train()
-
-
-def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The model's repeated blocks, in order (diffusers' `_repeated_blocks` names their class)."""
-    names = set(getattr(model, "_repeated_blocks", []))
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
-    if not blocks:
-        raise ValueError(f"{type(model).__name__} names no repeated blocks (_repeated_blocks)")
-    return blocks
 
 
 def quantized_linear_bytes(base_format: str, out_features: int, in_features: int) -> int:

@@ -15,7 +15,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
 from happyhorse_train.memory.planner.assumptions import COMPUTE_DTYPE
-from happyhorse_train.memory.planner.facts import meta_training_transformer, repeated_blocks
+from happyhorse_train.memory.offload import repeated_blocks
+from happyhorse_train.memory.planner.facts import meta_training_transformer
 from happyhorse_train.memory.planner.request import latent_shape
 from happyhorse_train.models import attention as attention_hook
 from happyhorse_train.models.presets import load_preset
@@ -123,17 +124,15 @@ def flash_like_attention():
     from diffusers.models.attention_dispatch import _AttentionBackendRegistry as registry
 
     attention_hook.register_attention_backend(FLASH_LIKE_BACKEND, flash_like_attention_fn)
-    previous_hook = attention_hook._active_backend
     active = registry._active_backend
     saved_entry = (registry._backends[active], registry._supported_arg_names[active], registry._constraints.get(active))
-    attention_hook.set_attention_backend(FLASH_LIKE_BACKEND)
     registry._backends[active] = _diffusers_flash_like
     registry._supported_arg_names[active] = set(inspect.signature(_diffusers_flash_like).parameters)
     registry._constraints[active] = []
     try:
-        yield
+        with attention_hook.using_attention_backend(FLASH_LIKE_BACKEND):
+            yield
     finally:
-        attention_hook.set_attention_backend(previous_hook)
         registry._backends[active], registry._supported_arg_names[active], registry._constraints[active] = saved_entry
 
 
