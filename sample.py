@@ -2,6 +2,7 @@
 
     python sample.py model.path=demo/model 'prompts=["a blue square moving top to bottom"]'
     python sample.py model=8b model.path=/models/happyhorse-1.0 'loras=[out/style.safetensors]' 'lora_scales=[0.8]'
+    python sample.py model=8b model.path=/models/happyhorse-1.0 memory.offload_models=true   # a 24 GB card
 
 Every option: configs/sample.yaml. Videos go to `output_dir` (default samples/).
 """
@@ -14,6 +15,7 @@ from omegaconf import DictConfig
 from happyhorse_train.config import register_configs
 from happyhorse_train.errors import UserInputError, report_user_errors
 from happyhorse_train.evaluation.videos import render_prompts, save_videos
+from happyhorse_train.memory.inference import load_inference_pipeline
 from happyhorse_train.models.geometry import video_latent_shape
 from happyhorse_train.models.lora_formats import apply_loras
 from happyhorse_train.models.spec import get_spec
@@ -31,7 +33,8 @@ def main(cfg: DictConfig) -> None:
         raise UserInputError(f"model.path is not set: point it at a {cfg.model.preset} diffusers-layout model folder")
     device = resolve_device(cfg.device)
     spec = get_spec(cfg.model.backbone, cfg.max_sequence_length)
-    pipe = spec.load_pipeline(cfg.model.path, device, resolve_dtype(cfg.dtype, device))
+    dtype = resolve_dtype(cfg.dtype, device)
+    pipe = load_inference_pipeline(spec, cfg.model.path, device, dtype, cfg.memory, cfg.compile)
     apply_loras(pipe, list(cfg.loras), list(cfg.lora_scales))
 
     video_latent_shape(pipe, cfg.height, cfg.width, cfg.num_frames)  # fail on a bad size before encoding anything

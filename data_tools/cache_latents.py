@@ -39,7 +39,9 @@ def main(argv: list[str] | None = None) -> None:
     state = distributed_state()
     manifest = load_manifest(args.dataset)
     spec = spec_for_folder(args.model, args.max_sequence_length)
-    pipe = spec.load_pipeline(args.model, state.device, resolve_dtype(args.dtype, state.device))
+    # Only the encoders run here: the transformer stays in host RAM (the 8B one and its encoders overfill 24 GB).
+    dtype = resolve_dtype(args.dtype, state.device)
+    pipe = spec.load_pipeline(args.model, state.device, dtype, transformer_to_device=False)
     encoder = spec.clip_encoder(pipe, args.model)
     cache = LatentCache(args.cache or args.dataset / "cache")
     if state.is_main_process:

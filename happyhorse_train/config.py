@@ -35,6 +35,13 @@ class ModelConfig:
 
 
 @dataclass
+class SampleMemoryConfig:
+    base_weights: str = "bf16"
+    blocks_to_swap: int = 0
+    offload_models: bool = False
+
+
+@dataclass
 class SampleConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     prompts: list[str] = field(default_factory=list)
@@ -52,6 +59,8 @@ class SampleConfig:
     fps: int = 24
     device: str = "auto"
     dtype: str = "auto"
+    memory: SampleMemoryConfig = field(default_factory=SampleMemoryConfig)
+    compile: bool = False
 
 
 @dataclass

@@ -1,1 +1,2 @@
-"""GPU and host memory: estimating what a training setting needs, and the settings that make it fit."""
+"""GPU and host memory: estimating what a training setting needs, and the settings that make training and
+sampling fit."""

@@ -40,11 +40,22 @@ class ModelSpec(ABC):
     def __init__(self, max_sequence_length: int = 512):
         self.max_sequence_length = max_sequence_length  # prompt tokens, as the pipeline encodes them
 
-    def load_pipeline(self, path: str | Path, device: torch.device, dtype: torch.dtype, base_weights: str = "bf16", log=print):
+    def load_pipeline(
+        self,
+        path: str | Path,
+        device: torch.device,
+        dtype: torch.dtype,
+        base_weights: str = "bf16",
+        log=print,
+        transformer_to_device: bool = True,
+    ):
         """The inference pipeline users run, from a diffusers-layout folder; the VAE stays float32.
 
         `base_weights` other than "bf16" (the compute dtype) loads the transformer's block weights quantized
         and frozen, streamed tensor by tensor onto `device` (memory/streamed_load.py), never whole in host RAM.
+        With `transformer_to_device=False` an unquantized transformer stays in host RAM for the caller to move:
+        the trainer caches latents first, and the 8B transformer (15 GiB) beside its text encoder (11 GiB)
+        would not fit a 24 GB card.
         """
         folder = check_model_folder(path, self.pipeline_class.__name__, self.components)
         components = {}
@@ -55,7 +66,12 @@ class ModelSpec(ABC):
                 self.transformer_class, folder / "transformer", base_weights, device, dtype, log=log
             )
         pipe = self.pipeline_class.from_pretrained(folder, dtype={"default": dtype, "vae": torch.float32}, **components)
-        return pipe.to(device)
+        if transformer_to_device:
+            return pipe.to(device)
+        for name, component in pipe.components.items():
+            if name != "transformer" and isinstance(component, torch.nn.Module):
+                component.to(device)
+        return pipe
 
     @abstractmethod
     def clip_encoder(self, pipe, path: str | Path):

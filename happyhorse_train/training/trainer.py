@@ -22,7 +22,7 @@ from happyhorse_train.errors import RunHalted, UserInputError
 from happyhorse_train.evaluation.loggers import RunLog
 from happyhorse_train.evaluation.validation import render_validation
 from happyhorse_train.memory.checkpointing import checkpointing_function, compile_blocks
-from happyhorse_train.memory.offload import BlockSwap, repeated_blocks
+from happyhorse_train.memory.offload import BlockSwap, encoders_on_device_while_running, repeated_blocks
 from happyhorse_train.memory.streamed_load import peak_host_ram_bytes
 from happyhorse_train.models.geometry import video_latent_shape
 from happyhorse_train.models.spec import get_spec
@@ -88,8 +88,13 @@ def train(cfg) -> Path:
     # A LoRA's frozen base loads straight in the compute dtype (an 8B float32 copy would be 32 GB of host RAM);
     # a full fine-tune keeps float32 master weights.
     load_dtype = compute_dtype if cfg.trainer.mode == "lora" else torch.float32
+    # The transformer waits in host RAM (unless quantized, which streams onto the GPU) while the encoders
+    # fill the cache: the two together would not fit the cards the memory settings are for.
     with strategy.loading():
-        pipe = spec.load_pipeline(cfg.model.path, accelerator.device, load_dtype, cfg.memory.base_weights, accelerator.print)
+        pipe = spec.load_pipeline(
+            cfg.model.path, accelerator.device, load_dtype, cfg.memory.base_weights, accelerator.print,
+            transformer_to_device=False,
+        )
     pipe.set_progress_bar_config(disable=True)
     manifest = load_manifest(cfg.data.dataset)
     for bucket in sorted(set(manifest["bucket"])):  # before any encoding: a shape the model cannot take fails here
@@ -109,6 +114,7 @@ def train(cfg) -> Path:
     accelerator.wait_for_everyone()
     cache.refresh()
     move_encoders(pipe, "cpu")  # everything they make is cached: their GPU memory goes to training
+    pipe.transformer.to(accelerator.device)
     dataset = CachedClipDataset(manifest, cache, encoder.video_id, encoder.text_id)
     if len(dataset) == 0:
         raise UserInputError(f"no clip of {cfg.data.dataset} could be cached; see {cache.folder}/failures-rank*.json")
@@ -222,9 +228,8 @@ def train(cfg) -> Path:
             if cfg.validation.every and cfg.validation.prompts and (done or state.step % cfg.validation.every == 0):
                 if accelerator.is_main_process:
                     folder = output_dir / "validation" / f"step-{state.step:08d}"
-                    move_encoders(pipe, accelerator.device)
-                    paths = render_validation(pipe, cfg.validation, folder, accelerator.autocast)
-                    move_encoders(pipe, "cpu")
+                    with encoders_on_device_while_running(pipe, accelerator.device):
+                        paths = render_validation(pipe, cfg.validation, folder, accelerator.autocast)
                     run_log.log_videos(paths, list(cfg.validation.prompts), state.step)
                 accelerator.wait_for_everyone()
             if interrupted:

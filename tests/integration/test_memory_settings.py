@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from happyhorse_train.evaluation.loggers import read_metrics
+from happyhorse_train.models.spec import get_spec
 from tests.integration.test_train import dataset, train  # noqa: F401  (the module-scoped dataset fixture)
 
 
@@ -34,3 +36,12 @@ def test_memory_settings_that_cannot_work_are_refused_together_before_loading(da
     assert "memory.base_weights=nf4: quantized base weights are frozen; use trainer.mode=lora" in result.stderr
     assert "memory.offload_activations needs trainer.gradient_checkpointing=true" in result.stderr
     assert "Loading pipeline components" not in result.stderr
+
+
+def test_the_trainer_loads_the_transformer_into_host_ram_while_the_encoders_go_to_the_device(demo_model_dir):
+    # The meta device stands in for the GPU: what moved there is visible without one.
+    spec = get_spec("happyhorse")
+    pipe = spec.load_pipeline(demo_model_dir, torch.device("meta"), torch.float32, transformer_to_device=False)
+    assert {p.device.type for p in pipe.transformer.parameters()} == {"cpu"}
+    assert {p.device.type for p in pipe.text_encoder.parameters()} == {"meta"}
+    assert {p.device.type for p in pipe.vae.parameters()} == {"meta"}

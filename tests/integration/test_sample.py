@@ -6,12 +6,16 @@ import decord
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
+from happyhorse_train.config import SampleMemoryConfig
 from happyhorse_train.demo.checkpoint import write_random_checkpoint
 from happyhorse_train.errors import UserInputError
+from happyhorse_train.memory.inference import load_inference_pipeline
 from happyhorse_train.models.happyhorse import load_pipeline
 from happyhorse_train.models.lora_formats import apply_loras
 from happyhorse_train.models.presets import load_preset
+from happyhorse_train.models.spec import get_spec
 from tests.conftest import make_random_lora, run_script
 
 SIZE = dict(height=32, width=48, num_frames=5, num_inference_steps=3, guidance_scale=4.0, max_sequence_length=32)
@@ -127,3 +131,49 @@ def test_pipeline_raises_user_input_error_for_a_bad_size(demo_model_dir):
     pipe = load_pipeline(demo_model_dir, torch.device("cpu"), torch.float32)
     with pytest.raises(UserInputError, match="width=40"):
         pipe(PROMPT, **{**SIZE, "width": 40})
+
+
+def test_memory_settings_render_what_the_plain_pipeline_renders(demo_model_dir):
+    spec = get_spec("happyhorse")
+    plain = render(load_pipeline(demo_model_dir, torch.device("cpu"), torch.float32))
+
+    log = []
+    cpu = torch.device("cpu")
+    swapped = load_inference_pipeline(
+        spec, demo_model_dir, cpu, torch.float32, memory(blocks_to_swap=2), compile=False, log=log.append
+    )
+    np.testing.assert_allclose(render(swapped), plain, atol=1e-6)
+    assert "block swap: blocks [0, 2] live in host RAM, streamed in ahead of use" in log
+
+    log.clear()
+    fp8 = load_inference_pipeline(
+        spec, demo_model_dir, cpu, torch.float32, memory(base_weights="fp8"), compile=False, log=log.append
+    )
+    difference = np.abs(render(fp8) - plain)
+    assert any("loaded transformer (fp8)" in line for line in log)
+    print(f"fp8 base: mean |frame difference| {difference.mean():.2e}")
+    assert 0 < difference.mean() < 0.01, difference.mean()
+
+
+def test_compiled_blocks_render_what_eager_blocks_render(demo_model_dir):
+    spec = get_spec("happyhorse")
+    eager = render(load_pipeline(demo_model_dir, torch.device("cpu"), torch.float32))
+    compiled = load_inference_pipeline(spec, demo_model_dir, torch.device("cpu"), torch.float32, memory(), compile=True)
+    torch._dynamo.utils.counters.clear()
+    np.testing.assert_allclose(render(compiled), eager, atol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the blocks did run compiled
+
+
+def test_memory_settings_that_exclude_each_other_are_refused(demo_model_dir, tmp_path):
+    result = run_script(
+        "sample.py", f"model.path={demo_model_dir}", f"output_dir={tmp_path}",
+        "memory.offload_models=true", "memory.blocks_to_swap=2", "memory.base_weights=fp4",
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "memory.base_weights='fp4': use one of bf16, int8, nf4, fp8, fp8-block" in result.stderr
+    assert "memory.offload_models moves the whole transformer on and off the GPU" in result.stderr
+    assert "Loading pipeline components" not in result.stderr
+
+
+def memory(**settings):
+    return OmegaConf.structured(SampleMemoryConfig(**settings))
