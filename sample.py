@@ -2,7 +2,7 @@
 
     python sample.py model.path=demo/model 'prompts=["a blue square moving top to bottom"]'
     python sample.py model=8b model.path=/models/happyhorse-1.0 'loras=[out/style.safetensors]' 'lora_scales=[0.8]'
-    python sample.py model=8b model.path=/models/happyhorse-1.0 memory.offload_models=true   # a 24 GB card
+    python sample.py model=8b model.path=/models/happyhorse-1.0 memory.offload_models=true memory.ffn_chunk_tokens=8192
 
 Every option: configs/sample.yaml. Videos go to `output_dir` (default samples/).
 """

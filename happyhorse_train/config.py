@@ -39,6 +39,7 @@ class SampleMemoryConfig:
     base_weights: str = "bf16"
     blocks_to_swap: int = 0
     offload_models: bool = False
+    ffn_chunk_tokens: int = 0
 
 
 @dataclass

@@ -36,6 +36,8 @@ class ModelSpec(ABC):
     default_lora_targets: list[str]
     # diffusers module-name fragments -> the model's original ones, for ComfyUI-layout LoRA files.
     comfyui_renames: Renames = []
+    # Class names of the token-wise MLP modules (input (batch, tokens, dim)), which can run in token chunks.
+    feed_forward_classes: tuple[str, ...] = ()
 
     def __init__(self, max_sequence_length: int = 512):
         self.max_sequence_length = max_sequence_length  # prompt tokens, as the pipeline encodes them

@@ -38,6 +38,7 @@ class WanSpec(ModelSpec):
     transformer_class = WanTransformer3DModel
     # Self- and cross-attention projections and the feed-forward, as diffusers names them in Wan blocks.
     default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
+    feed_forward_classes = ("FeedForward",)
 
     # diffusers' names -> the original Wan code's, which ComfyUI uses (the inverse of diffusers' own
     # _convert_non_diffusers_wan_lora_to_diffusers).

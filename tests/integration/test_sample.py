@@ -145,6 +145,11 @@ def test_memory_settings_render_what_the_plain_pipeline_renders(demo_model_dir):
     np.testing.assert_allclose(render(swapped), plain, atol=1e-6)
     assert "block swap: blocks [0, 2] live in host RAM, streamed in ahead of use" in log
 
+    chunked = load_inference_pipeline(
+        spec, demo_model_dir, cpu, torch.float32, memory(ffn_chunk_tokens=16), compile=False
+    )
+    np.testing.assert_allclose(render(chunked), plain, atol=1e-6)  # shared blocks see 27 tokens: 2 chunks
+
     log.clear()
     fp8 = load_inference_pipeline(
         spec, demo_model_dir, cpu, torch.float32, memory(base_weights="fp8"), compile=False, log=log.append
@@ -168,10 +173,12 @@ def test_memory_settings_that_exclude_each_other_are_refused(demo_model_dir, tmp
     result = run_script(
         "sample.py", f"model.path={demo_model_dir}", f"output_dir={tmp_path}",
         "memory.offload_models=true", "memory.blocks_to_swap=2", "memory.base_weights=fp4",
+        "memory.ffn_chunk_tokens=-1",
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "memory.base_weights='fp4': use one of bf16, int8, nf4, fp8, fp8-block" in result.stderr
     assert "memory.offload_models moves the whole transformer on and off the GPU" in result.stderr
+    assert "memory.ffn_chunk_tokens=-1: must be 0 (off) or more" in result.stderr
     assert "Loading pipeline components" not in result.stderr
 
 

@@ -14,8 +14,10 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from happyhorse_train.memory import planner
+from happyhorse_train.memory.inference import chunk_feed_forwards
+from happyhorse_train.memory.planner.measure import LiveTensorBytes
 from happyhorse_train.models.happyhorse.spec import HappyHorseSpec
-from happyhorse_train.models.happyhorse.transformer import HappyHorseTransformer3DModel
+from happyhorse_train.models.happyhorse.transformer import HappyHorseTransformer3DModel, SwiGLU
 from happyhorse_train.models.presets import load_preset
 from happyhorse_train.models.spec import get_spec
 from happyhorse_train.training.adapters import make_trainable
@@ -260,3 +262,25 @@ def test_candidate_accelerate_configs_are_shipped():
     assert used == set(ACCELERATE_CONFIGS)
     for name in used:
         assert (CONFIG_DIR / "accelerate" / f"{name}.yaml").is_file(), name
+
+
+def test_live_tensor_bytes_counts_what_a_forward_holds_at_its_worst_moment():
+    mlp = SwiGLU(64, 256).to("meta")
+    x = torch.empty(2, 1000, 64, device="meta")
+    hidden = 2 * 1000 * 256 * 4  # one float32 (batch, tokens, ffn) tensor
+    with torch.no_grad(), LiveTensorBytes([*mlp.parameters(), x]) as whole:
+        out = mlp(x)
+    assert whole.peak == 3 * hidden  # silu(gate), up and their product, until down_proj's output frees them
+    assert whole.live == out.numel() * 4
+
+    chunk_feed_forwards(mlp, ("SwiGLU",), chunk_tokens=500)
+    with torch.no_grad(), LiveTensorBytes([*mlp.parameters(), x]) as chunked:
+        mlp(x)
+    assert chunked.peak == 3 * hidden // 2 + 2 * 500 * 64 * 4  # half the hidden state, beside the first chunk's output
+
+
+def test_chunked_mlps_cut_the_8b_guided_forwards_working_memory():
+    whole = planner.measure.measure_inference_peak("8b", 720, 480, 121)
+    chunked = planner.measure.measure_inference_peak("8b", 720, 480, 121, ffn_chunk_tokens=8192)
+    assert 10 * 2**30 < whole < 14 * 2**30  # 12.0 GiB when measured; the MLP's three hidden tensors are 6.8
+    assert chunked < 0.65 * whole

@@ -6,17 +6,19 @@ from __future__ import annotations
 import contextlib
 import inspect
 import warnings
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_map
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
 
 from happyhorse_train.memory.planner.assumptions import COMPUTE_DTYPE
 from happyhorse_train.memory.offload import repeated_blocks
-from happyhorse_train.memory.planner.facts import meta_training_transformer
+from happyhorse_train.memory.planner.facts import meta_training_transformer, meta_transformer
 from happyhorse_train.memory.planner.request import latent_shape
 from happyhorse_train.models import attention as attention_hook
 from happyhorse_train.models.presets import load_preset
@@ -347,3 +349,75 @@ def _forward_and_loss(model, blocks, spec, inputs, ledger):
         F.mse_loss(prediction.float(), torch.empty(prediction.shape, device="meta"))  # the loss saves too
     return flops
 
+
+
+# --- inference: what a no-grad forward holds at its peak ---------------------------------------------------
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of the tensors that ops create while inside, counted per storage (views share theirs) and
+    released when the last tensor on a storage is garbage: on the meta device, what a caching allocator would
+    have handed out at the worst moment. Storages of `existing` tensors (weights, inputs) are not counted."""
+
+    def __init__(self, existing=()):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._excluded = {_storage_key(t) for t in existing}
+        self._storages: dict[int, list[int]] = {}  # storage key -> [bytes, live tensors on it]
+        self._tracked: set[int] = set()  # ids of live tensors already counted
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                self._track(tensor)
+        return out
+
+    def _track(self, tensor: torch.Tensor) -> None:
+        key = _storage_key(tensor)
+        if id(tensor) in self._tracked or key in self._excluded:
+            return  # an in-place op's own input, or a view of a weight or input
+        if key not in self._storages:
+            self._storages[key] = [tensor.untyped_storage().nbytes(), 0]
+            self.live += self._storages[key][0]
+            self.peak = max(self.peak, self.live)
+        self._storages[key][1] += 1
+        self._tracked.add(id(tensor))
+        weakref.finalize(tensor, self._release, key, id(tensor))
+
+    def _release(self, key: int, tensor_id: int) -> None:
+        self._tracked.discard(tensor_id)
+        entry = self._storages[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.live -= entry[0]
+            del self._storages[key]
+
+
+def measure_inference_peak(
+    preset: dict | str,
+    width: int,
+    height: int,
+    frames: int,
+    batch_size: int = 2,
+    text_tokens: int | None = None,
+    ffn_chunk_tokens: int = 0,
+) -> int:
+    """Peak bytes one no-grad transformer forward allocates beyond its weights and inputs, as sampling and
+    validation run it eagerly (bf16 weights; batch 2 = a guided step, conditional and unconditional together),
+    with attention allocating what a flash / cuDNN kernel does (its output and log-sum-exp), and the MLPs in
+    chunks of `ffn_chunk_tokens` if set (sample.py's memory.ffn_chunk_tokens). Meta device."""
+    from happyhorse_train.memory.inference import chunk_feed_forwards
+
+    preset = load_preset(preset) if isinstance(preset, str) else preset
+    channels, t, h, w = latent_shape(preset, width, height, frames)
+    text_tokens = text_tokens or default_text_tokens(preset)
+    model, spec = meta_transformer(preset)
+    if ffn_chunk_tokens:
+        chunk_feed_forwards(model, spec.feed_forward_classes, ffn_chunk_tokens)
+    inputs = _meta_inputs(preset, batch_size, (channels, t, h, w), text_tokens)
+    inputs["noisy_latents"] = inputs["noisy_latents"].to(COMPUTE_DTYPE)  # the pipeline feeds the weights' dtype
+    inputs["text_states"] = inputs["text_states"].to(COMPUTE_DTYPE)
+    existing = [*model.parameters(), *model.buffers(), *(v for v in inputs.values() if v is not None)]
+    with torch.no_grad(), flash_like_attention(), LiveTensorBytes(existing) as tracker:
+        spec.predict_velocity(model, **inputs)
+    return tracker.peak

@@ -15,6 +15,7 @@ class HappyHorseSpec(ModelSpec):
     transformer_class = HappyHorseTransformer3DModel
     # Every attention projection (incl. the per-head gate) and the SwiGLU MLP, in shared and sandwich blocks.
     default_lora_targets = ["to_q", "to_k", "to_v", "to_gate", "to_out", "gate_proj", "up_proj", "down_proj"]
+    feed_forward_classes = ("SwiGLU",)
 
     def clip_encoder(self, pipe, path):
         return HappyHorseClipEncoder(pipe, path, self.max_sequence_length)
