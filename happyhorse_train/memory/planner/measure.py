@@ -421,3 +421,27 @@ def measure_inference_peak(
     with torch.no_grad(), flash_like_attention(), LiveTensorBytes(existing) as tracker:
         spec.predict_velocity(model, **inputs)
     return tracker.peak
+
+
+def measure_vae_peaks(preset: dict | str, width: int, height: int, frames: int) -> dict[str, int]:
+    """Peak bytes the VAE's encode of one clip and decode of one latent allocate beyond its weights, as the
+    cache and the pipeline run it (float32, no grad). Meta device; the preset's VAE config (diffusers'
+    default, the Wan 2.1 VAE, for presets that leave it to the model folder)."""
+    from happyhorse_train.memory.planner.facts import _meta_encoders
+
+    preset = load_preset(preset) if isinstance(preset, str) else preset
+    _, vae = _meta_encoders(preset)
+    channels, t, h, w = latent_shape(preset, width, height, frames)
+    if channels != vae.config.z_dim:
+        raise ValueError(f"the {preset.get('preset')} preset does not describe its VAE ({channels} latent channels)")
+    weights = [*vae.parameters(), *vae.buffers()]
+    peaks = {}
+    for name, run, shape in (
+        ("encode", vae.encode, (1, 3, frames, height, width)),
+        ("decode", vae.decode, (1, channels, t, h, w)),
+    ):
+        given = torch.empty(shape, device="meta")
+        with torch.no_grad(), LiveTensorBytes([*weights, given]) as tracker:
+            run(given)
+        peaks[name] = tracker.peak
+    return peaks
