@@ -49,7 +49,7 @@ def load_inference_pipeline(spec, path, device: torch.device, dtype: torch.dtype
         log("memory.offload_models: nothing to do on the CPU (every model is in host RAM already)")
     pipe = spec.load_pipeline(
         path, torch.device("cpu") if offload else device, dtype, memory.base_weights, log,
-        transformer_to_device=not memory.blocks_to_swap,
+        transformer_to_device=not memory.blocks_to_swap or memory.base_weights != "bf16",  # quantized: streamed in
     )
     if memory.blocks_to_swap:
         transformer = pipe.transformer

@@ -145,7 +145,7 @@ def _place_tensor(model: nn.Module, name: str, tensor: torch.Tensor, device, dty
         owner._buffers[leaf] = placed
 
 
-def _build_on_meta(transformer_class, folder: Path) -> nn.Module:
+def build_on_meta(transformer_class, folder: Path) -> nn.Module:
     if not (folder / "config.json").is_file():
         raise UserInputError(f"no config.json in {folder}; point at a diffusers-layout transformer folder")
     try:
@@ -194,7 +194,7 @@ def load_quantized_transformer(
     check_format(fmt)
     name_or_path, folder, device = folder, Path(folder), torch.device(device)
     files = tensor_files(folder)
-    model = _build_on_meta(transformer_class, folder)
+    model = build_on_meta(transformer_class, folder)
     expected = set(model.state_dict())  # names as built, before layers are swapped
     linear_names = quantizable_linear_names(model) if fmt != "bf16" else []
     consumed = _load_quantized_linears(model, linear_names, files, folder, fmt, device, compute_dtype)

@@ -55,17 +55,20 @@ class ModelSpec(ABC):
 
         `base_weights` other than "bf16" (the compute dtype) loads the transformer's block weights quantized
         and frozen, streamed tensor by tensor onto `device` (memory/streamed_load.py), never whole in host RAM.
-        With `transformer_to_device=False` an unquantized transformer stays in host RAM for the caller to move:
-        the trainer caches latents first, and the 8B transformer (15 GiB) beside its text encoder (11 GiB)
-        would not fit a 24 GB card.
+        With `transformer_to_device=False` the transformer stays off the GPU for the caller to place: an
+        unquantized one in host RAM, a quantized one as a weightless (meta) model whose config is readable
+        and whose weights `load_transformer` streams in later. The trainer caches latents first, and the 8B
+        transformer beside its text encoder (10.6 GiB) and the VAE's encode would overfill a 24 GB card.
         """
         folder = check_model_folder(path, self.pipeline_class.__name__, self.components)
         components = {}
         if base_weights != "bf16":
-            from happyhorse_train.memory.streamed_load import load_quantized_transformer
+            from happyhorse_train.memory.streamed_load import build_on_meta
 
-            components["transformer"] = load_quantized_transformer(
-                self.transformer_class, folder / "transformer", base_weights, device, dtype, log=log
+            components["transformer"] = (
+                self.load_transformer(folder, device, dtype, base_weights, log)
+                if transformer_to_device
+                else build_on_meta(self.transformer_class, folder / "transformer")
             )
         pipe = self.pipeline_class.from_pretrained(folder, dtype={"default": dtype, "vae": torch.float32}, **components)
         if transformer_to_device:
@@ -74,6 +77,15 @@ class ModelSpec(ABC):
             if name != "transformer" and isinstance(component, torch.nn.Module):
                 component.to(device)
         return pipe
+
+    def load_transformer(
+        self, path: str | Path, device: torch.device, dtype: torch.dtype, base_weights: str, log=print
+    ):
+        """The model folder's transformer alone, its block weights in `base_weights`, streamed onto `device`."""
+        from happyhorse_train.memory.streamed_load import load_quantized_transformer
+
+        folder = Path(path) / "transformer"
+        return load_quantized_transformer(self.transformer_class, folder, base_weights, device, dtype, log=log)
 
     @abstractmethod
     def clip_encoder(self, pipe, path: str | Path):

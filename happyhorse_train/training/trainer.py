@@ -88,8 +88,8 @@ def train(cfg) -> Path:
     # A LoRA's frozen base loads straight in the compute dtype (an 8B float32 copy would be 32 GB of host RAM);
     # a full fine-tune keeps float32 master weights.
     load_dtype = compute_dtype if cfg.trainer.mode == "lora" else torch.float32
-    # The transformer waits in host RAM (unless quantized, which streams onto the GPU) while the encoders
-    # fill the cache: the two together would not fit the cards the memory settings are for.
+    # The transformer stays off the GPU while the encoders fill the cache (a quantized one is not even loaded
+    # yet): the two together would not fit the cards the memory settings are for.
     with strategy.loading():
         pipe = spec.load_pipeline(
             cfg.model.path, accelerator.device, load_dtype, cfg.memory.base_weights, accelerator.print,
@@ -114,7 +114,12 @@ def train(cfg) -> Path:
     accelerator.wait_for_everyone()
     cache.refresh()
     move_encoders(pipe, "cpu")  # everything they make is cached: their GPU memory goes to training
-    pipe.transformer.to(accelerator.device)
+    if cfg.memory.base_weights == "bf16":
+        pipe.transformer.to(accelerator.device)
+    else:
+        pipe.transformer = spec.load_transformer(
+            cfg.model.path, accelerator.device, load_dtype, cfg.memory.base_weights, accelerator.print
+        )
     dataset = CachedClipDataset(manifest, cache, encoder.video_id, encoder.text_id)
     if len(dataset) == 0:
         raise UserInputError(f"no clip of {cfg.data.dataset} could be cached; see {cache.folder}/failures-rank*.json")

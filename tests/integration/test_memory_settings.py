@@ -45,3 +45,14 @@ def test_the_trainer_loads_the_transformer_into_host_ram_while_the_encoders_go_t
     assert {p.device.type for p in pipe.transformer.parameters()} == {"cpu"}
     assert {p.device.type for p in pipe.text_encoder.parameters()} == {"meta"}
     assert {p.device.type for p in pipe.vae.parameters()} == {"meta"}
+
+
+def test_a_quantized_transformer_is_only_loaded_once_the_encoders_are_done(demo_model_dir):
+    spec = get_spec("happyhorse")
+    pipe = spec.load_pipeline(demo_model_dir, torch.device("cpu"), torch.float32, "fp8", transformer_to_device=False)
+    assert {p.device.type for p in pipe.transformer.parameters()} == {"meta"}  # config only, for the geometry
+    assert tuple(pipe.transformer.config.patch_size) == (1, 2, 2)
+    lines = []
+    pipe.transformer = spec.load_transformer(demo_model_dir, torch.device("cpu"), torch.float32, "fp8", lines.append)
+    assert {p.device.type for p in pipe.transformer.parameters()} == {"cpu"}
+    assert "loaded transformer (fp8): 40 linear layers quantized" in lines[0]
