@@ -27,12 +27,23 @@ def common(model: Path, dataset: Path, out: Path, steps: int) -> list[str]:
     return [f"model.path={model}", f"data.dataset={dataset}", f"output_dir={out}", f"trainer.max_steps={steps}", "data.batch_size=2"]
 
 
-@pytest.mark.parametrize("signal_to_send", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_writes_a_checkpoint_and_resume_matches_an_uninterrupted_run(signal_to_send, dataset, demo_model_dir, tmp_path):
-    steps = 30
-    straight = train(*common(demo_model_dir, dataset, tmp_path / "straight", steps), "trainer.checkpoint_every=0")
-    assert straight.returncode == 0, straight.stderr[-2000:]
+SIGNAL_RUN_STEPS = 30
 
+
+@pytest.fixture(scope="module")
+def uninterrupted_losses(dataset, demo_model_dir, tmp_path_factory) -> list[float]:
+    """The run both signal tests must reproduce, trained once."""
+    out = tmp_path_factory.mktemp("straight")
+    straight = train(*common(demo_model_dir, dataset, out, SIGNAL_RUN_STEPS), "trainer.checkpoint_every=0")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    return losses(out)
+
+
+@pytest.mark.parametrize("signal_to_send", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_writes_a_checkpoint_and_resume_matches_an_uninterrupted_run(
+    signal_to_send, uninterrupted_losses, dataset, demo_model_dir, tmp_path
+):
+    steps = SIGNAL_RUN_STEPS
     out = tmp_path / "signalled"
     args = [sys.executable, "train.py", "+experiment=demo", *FAST, *common(demo_model_dir, dataset, out, steps), "trainer.checkpoint_every=0"]
     process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -49,7 +60,7 @@ def test_a_signal_writes_a_checkpoint_and_resume_matches_an_uninterrupted_run(si
 
     resumed = train(*common(demo_model_dir, dataset, out, steps), "trainer.checkpoint_every=0", "resume=latest")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert losses(out) == losses(tmp_path / "straight")
+    assert losses(out) == uninterrupted_losses
 
 
 def test_overflowing_steps_are_skipped_then_the_run_halts_with_finite_state(dataset, demo_model_dir, tmp_path):

@@ -169,17 +169,16 @@ def test_compiled_blocks_render_what_eager_blocks_render(demo_model_dir):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the blocks did run compiled
 
 
-def test_memory_settings_that_exclude_each_other_are_refused(demo_model_dir, tmp_path):
-    result = run_script(
-        "sample.py", f"model.path={demo_model_dir}", f"output_dir={tmp_path}",
-        "memory.offload_models=true", "memory.blocks_to_swap=2", "memory.base_weights=fp4",
-        "memory.ffn_chunk_tokens=-1",
-    )
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "memory.base_weights='fp4': use one of bf16, int8, nf4, fp8, fp8-block" in result.stderr
-    assert "memory.offload_models moves the whole transformer on and off the GPU" in result.stderr
-    assert "memory.ffn_chunk_tokens=-1: must be 0 (off) or more" in result.stderr
-    assert "Loading pipeline components" not in result.stderr
+def test_memory_settings_that_exclude_each_other_are_refused_together():
+    settings = memory(offload_models=True, blocks_to_swap=2, base_weights="fp4", ffn_chunk_tokens=-1)
+    with pytest.raises(UserInputError) as refused:  # raised before anything loads; sample.py exits 2 with it
+        load_inference_pipeline(get_spec("happyhorse"), "no/such/model", torch.device("cpu"), torch.float32,
+                                settings, compile=True)
+    message = str(refused.value)
+    assert "memory.base_weights='fp4': use one of bf16, int8, nf4, fp8, fp8-block" in message
+    assert "memory.offload_models moves the whole transformer on and off the GPU" in message
+    assert "memory.ffn_chunk_tokens=-1: must be 0 (off) or more" in message
+    assert "compile: block swap moves weights from hooks inside the blocks" in message
 
 
 def memory(**settings):
