@@ -217,6 +217,11 @@ class BlockSwap:
 # --- encoders on the GPU only while they run ---------------------------------------------------------
 
 
+def pipeline_encoders(pipe) -> list[nn.Module]:
+    """Every model of a pipeline but the transformer (text encoder, VAE)."""
+    return [m for name, m in pipe.components.items() if name != "transformer" and isinstance(m, nn.Module)]
+
+
 class _OnDeviceWhileRunning(ModelHook):
     """Accelerate hook: the module moves to `execution_device` before its forward and back to host RAM after.
     diffusers' VAE calls `pre_forward` alone around encode/decode; it goes back when the context ends."""
@@ -239,7 +244,7 @@ def encoders_on_device_while_running(pipe, device: torch.device):
 
     During validation on a 24 GB card the 8B text encoder (10.6 GiB) is then not on the GPU while the
     transformer denoises. Costs one copy in and out per render."""
-    encoders = [m for name, m in pipe.components.items() if name != "transformer" and isinstance(m, nn.Module)]
+    encoders = pipeline_encoders(pipe)
     for module in encoders:
         module.to("cpu")
         add_hook_to_module(module, _OnDeviceWhileRunning(device))

@@ -87,6 +87,16 @@ class ModelSpec(ABC):
         folder = Path(path) / "transformer"
         return load_quantized_transformer(self.transformer_class, folder, base_weights, device, dtype, log=log)
 
+    def place_transformer(
+        self, pipe, path: str | Path, device: torch.device, dtype: torch.dtype, base_weights: str, log=print
+    ) -> None:
+        """The other half of `load_pipeline(..., transformer_to_device=False)`: the transformer onto `device`
+        (moved from host RAM, or, if quantized, loaded now)."""
+        if base_weights == "bf16":
+            pipe.transformer.to(device)
+        else:
+            pipe.transformer = self.load_transformer(path, device, dtype, base_weights, log)
+
     @abstractmethod
     def clip_encoder(self, pipe, path: str | Path):
         """A `happyhorse_train.data.caching.ClipEncoder` over the pipeline's VAE and text encoder."""

@@ -22,7 +22,12 @@ from happyhorse_train.errors import RunHalted, UserInputError
 from happyhorse_train.evaluation.loggers import RunLog
 from happyhorse_train.evaluation.validation import render_validation
 from happyhorse_train.memory.checkpointing import checkpointing_function, compile_blocks
-from happyhorse_train.memory.offload import BlockSwap, encoders_on_device_while_running, repeated_blocks
+from happyhorse_train.memory.offload import (
+    BlockSwap,
+    encoders_on_device_while_running,
+    pipeline_encoders,
+    repeated_blocks,
+)
 from happyhorse_train.memory.streamed_load import peak_host_ram_bytes
 from happyhorse_train.models.geometry import video_latent_shape
 from happyhorse_train.models.spec import get_spec
@@ -113,13 +118,11 @@ def train(cfg) -> Path:
     fill_cache(manifest, cache, encoder, rank, world, progress=accelerator.is_local_main_process)
     accelerator.wait_for_everyone()
     cache.refresh()
-    move_encoders(pipe, "cpu")  # everything they make is cached: their GPU memory goes to training
-    if cfg.memory.base_weights == "bf16":
-        pipe.transformer.to(accelerator.device)
-    else:
-        pipe.transformer = spec.load_transformer(
-            cfg.model.path, accelerator.device, load_dtype, cfg.memory.base_weights, accelerator.print
-        )
+    for component in pipeline_encoders(pipe):  # everything they make is cached: their GPU memory goes to training
+        component.to("cpu")
+    spec.place_transformer(
+        pipe, cfg.model.path, accelerator.device, load_dtype, cfg.memory.base_weights, accelerator.print
+    )
     dataset = CachedClipDataset(manifest, cache, encoder.video_id, encoder.text_id)
     if len(dataset) == 0:
         raise UserInputError(f"no clip of {cfg.data.dataset} could be cached; see {cache.folder}/failures-rank*.json")
@@ -275,13 +278,6 @@ def train(cfg) -> Path:
     run_log.finish()
     accelerator.wait_for_everyone()
     return output_dir
-
-
-def move_encoders(pipe, device) -> None:
-    """Every pipeline model but the transformer (text encoder, VAE) to `device`."""
-    for name, component in pipe.components.items():
-        if name != "transformer" and isinstance(component, torch.nn.Module):
-            component.to(device)
 
 
 def _new_window(device: torch.device) -> dict:

@@ -53,6 +53,6 @@ def test_a_quantized_transformer_is_only_loaded_once_the_encoders_are_done(demo_
     assert {p.device.type for p in pipe.transformer.parameters()} == {"meta"}  # config only, for the geometry
     assert tuple(pipe.transformer.config.patch_size) == (1, 2, 2)
     lines = []
-    pipe.transformer = spec.load_transformer(demo_model_dir, torch.device("cpu"), torch.float32, "fp8", lines.append)
+    spec.place_transformer(pipe, demo_model_dir, torch.device("cpu"), torch.float32, "fp8", lines.append)
     assert {p.device.type for p in pipe.transformer.parameters()} == {"cpu"}
     assert "loaded transformer (fp8): 40 linear layers quantized" in lines[0]

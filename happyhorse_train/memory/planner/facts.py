@@ -133,7 +133,7 @@ def model_facts(preset: dict, lora_rank: int | None) -> ModelFacts:
     if lora_rank is not None:
         with_lora, _ = meta_transformer(preset, lora_rank)
         lora_params = sum(p.numel() for p in with_lora.parameters() if p.requires_grad)
-    text_encoder, vae = _meta_encoders(preset)
+    text_encoder, vae = meta_encoders(preset)
     return ModelFacts(
         preset=preset.get("preset", "custom"),
         backbone=preset["backbone"],
@@ -147,7 +147,7 @@ def model_facts(preset: dict, lora_rank: int | None) -> ModelFacts:
     )
 
 
-def _meta_encoders(preset: dict):
+def meta_encoders(preset: dict):
     """The text encoder and VAE on the meta device. Presets that leave them to the model folder (Wan) get
     the 8b preset's UMT5-XXL dimensions and diffusers' default VAE (an approximation for the Wan 2.2 VAE)."""
     from diffusers import AutoencoderKLWan

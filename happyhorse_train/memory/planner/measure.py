@@ -18,7 +18,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from happyhorse_train.memory.planner.assumptions import COMPUTE_DTYPE
 from happyhorse_train.memory.offload import repeated_blocks
-from happyhorse_train.memory.planner.facts import meta_training_transformer, meta_transformer
+from happyhorse_train.memory.planner.facts import meta_encoders, meta_training_transformer, meta_transformer
 from happyhorse_train.memory.planner.request import latent_shape
 from happyhorse_train.models import attention as attention_hook
 from happyhorse_train.models.presets import load_preset
@@ -350,7 +350,6 @@ def _forward_and_loss(model, blocks, spec, inputs, ledger):
     return flops
 
 
-
 # --- inference: what a no-grad forward holds at its peak ---------------------------------------------------
 class LiveTensorBytes(TorchDispatchMode):
     """Peak bytes of the tensors that ops create while inside, counted per storage (views share theirs) and
@@ -427,10 +426,8 @@ def measure_vae_peaks(preset: dict | str, width: int, height: int, frames: int) 
     """Peak bytes the VAE's encode of one clip and decode of one latent allocate beyond its weights, as the
     cache and the pipeline run it (float32, no grad). Meta device; the preset's VAE config (diffusers'
     default, the Wan 2.1 VAE, for presets that leave it to the model folder)."""
-    from happyhorse_train.memory.planner.facts import _meta_encoders
-
     preset = load_preset(preset) if isinstance(preset, str) else preset
-    _, vae = _meta_encoders(preset)
+    _, vae = meta_encoders(preset)
     channels, t, h, w = latent_shape(preset, width, height, frames)
     if channels != vae.config.z_dim:
         raise ValueError(f"the {preset.get('preset')} preset does not describe its VAE ({channels} latent channels)")
