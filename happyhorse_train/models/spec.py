@@ -148,6 +148,33 @@ class ModelSpec(ABC):
             written.append(self._write(folder / COMFYUI_WEIGHT_NAME, comfy, {"format": "pt", **extra}))
         return written
 
+    def save_transformer(
+        self, folder: Path, transformer: torch.nn.Module, state_dict: dict[str, torch.Tensor], max_shard_size="10GB"
+    ) -> list[Path]:
+        """Write fully trained weights as a diffusers transformer folder (config.json and safetensors shards of
+        at most 10 GB, with an index when there are several). `state_dict` is the gathered whole: under ZeRO-3
+        or FSDP, `transformer.state_dict()` holds only this process's shards, which is why diffusers'
+        `save_pretrained` (it always saves that) is not used."""
+        from diffusers.utils.constants import SAFE_WEIGHTS_INDEX_NAME
+        from huggingface_hub import split_torch_state_dict_into_shards
+
+        missing = sorted(set(transformer.state_dict()) - set(state_dict))
+        if missing:
+            raise RuntimeError(f"the gathered weights lack {len(missing)} of the transformer's tensors, e.g. {missing[:3]}")
+        folder.mkdir(parents=True, exist_ok=True)
+        transformer.save_config(folder)
+        split = split_torch_state_dict_into_shards(
+            state_dict, filename_pattern="diffusion_pytorch_model{suffix}.safetensors", max_shard_size=max_shard_size
+        )
+        written = []
+        for filename, names in split.filename_to_tensors.items():
+            tensors = {name: state_dict[name].detach().contiguous().cpu() for name in names}
+            written.append(self._write(folder / filename, tensors, {"format": "pt"}))
+        if split.is_sharded:
+            index = json.dumps({"metadata": split.metadata, "weight_map": split.tensor_to_filename}, indent=2)
+            write_atomic(folder / SAFE_WEIGHTS_INDEX_NAME, lambda temporary: temporary.write_text(index))
+        return written
+
     @staticmethod
     def _write(path: Path, tensors: dict, header: dict) -> Path:
         write_atomic(path, lambda temporary: save_file(tensors, str(temporary), metadata=header))

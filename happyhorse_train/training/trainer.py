@@ -273,7 +273,7 @@ def train(cfg) -> Path:
             )
             accelerator.print(f"wrote the LoRA to {output_dir / 'lora'}")
         else:
-            transformer.save_pretrained(output_dir / "transformer", state_dict=weights)
+            spec.save_transformer(output_dir / "transformer", transformer, weights)
             accelerator.print(f"wrote the transformer to {output_dir / 'transformer'}")
     run_log.finish()
     accelerator.wait_for_everyone()

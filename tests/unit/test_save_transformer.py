@@ -1,0 +1,40 @@
+"""Fully trained weights are written from the gathered state dict, not from the module (whose own state dict
+holds only one process's shards under ZeRO-3 or FSDP), and load back with diffusers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from happyhorse_train.models.happyhorse import HappyHorseTransformer3DModel
+from happyhorse_train.models.spec import get_spec
+
+
+def trained_weights(model_dir) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    transformer = HappyHorseTransformer3DModel.from_pretrained(model_dir / "transformer")
+    generator = torch.Generator().manual_seed(1)
+    return transformer, {name: torch.randn(t.shape, generator=generator) for name, t in transformer.state_dict().items()}
+
+
+@pytest.mark.parametrize("max_shard_size", ["10GB", "200KB"], ids=["one-file", "sharded"])
+def test_the_given_weights_are_written_and_load_with_diffusers(demo_model_dir, tmp_path, max_shard_size):
+    transformer, weights = trained_weights(demo_model_dir)
+    written = get_spec("happyhorse").save_transformer(tmp_path / "out", transformer, weights, max_shard_size)
+    assert (len(written) > 1) == (max_shard_size == "200KB")
+    if len(written) > 1:
+        index = json.loads((tmp_path / "out" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+        assert sorted(index["weight_map"]) == sorted(weights)
+    loaded = HappyHorseTransformer3DModel.from_pretrained(tmp_path / "out").state_dict()
+    assert sorted(loaded) == sorted(weights)
+    for name, tensor in weights.items():
+        torch.testing.assert_close(loaded[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_weights_missing_a_tensor_are_refused_before_anything_is_written(demo_model_dir, tmp_path):
+    transformer, weights = trained_weights(demo_model_dir)
+    weights.pop("proj_out.weight")
+    with pytest.raises(RuntimeError, match="lack 1 of the transformer's tensors.*proj_out.weight"):
+        get_spec("happyhorse").save_transformer(tmp_path / "out", transformer, weights)
+    assert not (tmp_path / "out").exists()
