@@ -160,7 +160,7 @@ class ModelSpec(ABC):
 
         missing = sorted(set(transformer.state_dict()) - set(state_dict))
         if missing:
-            raise RuntimeError(f"the gathered weights lack {len(missing)} of the transformer's tensors, e.g. {missing[:3]}")
+            raise RuntimeError(f"the gathered weights lack {len(missing)} of the transformer's tensors: {missing[:3]}")
         folder.mkdir(parents=True, exist_ok=True)
         transformer.save_config(folder)
         split = split_torch_state_dict_into_shards(

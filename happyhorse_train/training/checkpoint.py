@@ -5,6 +5,8 @@ A checkpoint is a folder `<output_dir>/checkpoints/step-00000250/` holding:
   optimizer.pt            optimizer state
   deepspeed/              instead of the two above under DeepSpeed: its own checkpoint, each process
                           writing its shard of the weights and optimizer states
+  fsdp/                   instead of the two above under FSDP: a torch.distributed.checkpoint of the
+                          trainable weights and optimizer states, each process writing its shards
   scheduler.pt            learning-rate schedule state
   ema.pt                  EMA weights (when EMA is on)
   rng-rank<N>.pt          every random-number state of process N (python, numpy, torch, cuda; the training
@@ -25,12 +27,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from happyhorse_train.errors import RunHalted, UserInputError
 from happyhorse_train.training.adapters import trainable_parameters
-from happyhorse_train.training.distributed import is_deepspeed
+from happyhorse_train.training.distributed import is_deepspeed, is_fsdp
 
 CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"^step-(\d{8})$")
@@ -109,6 +114,8 @@ def save_checkpoint(
         torch.save(rng_state(), temporary / f"rng-rank{accelerator.process_index}.pt")
         if is_deepspeed(accelerator):  # every process writes its shard; the frozen base is not saved
             model.save_checkpoint(str(temporary / "deepspeed"), tag="state", exclude_frozen_parameters=True)
+        elif is_fsdp(accelerator):
+            dcp.save(_sharded_state(model, optimizer), checkpoint_id=temporary / "fsdp")
         elif accelerator.is_main_process:
             trainable = trainable_parameters(accelerator.unwrap_model(model))
             save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(temporary / "trainable.safetensors"))
@@ -119,7 +126,7 @@ def save_checkpoint(
                 torch.save(ema.state_dict(), temporary / "ema.pt")
             state = {**trainer_state, "step": step, "world_size": accelerator.num_processes}
             (temporary / "trainer_state.json").write_text(json.dumps(state, indent=2))
-    except (OSError, RuntimeError, SafetensorError) as error:  # torch.save / safetensors wrap a failed write
+    except (OSError, RuntimeError, SafetensorError, CheckpointException) as error:  # a failed write, as each says
         failure = error
     # Every process learns whether any write failed, so none waits for another that has given up.
     failed = accelerator.reduce(torch.tensor(float(failure is not None), device=accelerator.device), "max").item() > 0
@@ -150,12 +157,18 @@ def load_checkpoint(accelerator, path: Path, model: torch.nn.Module, optimizer, 
             f"{path} was written by {state['world_size']} process(es), this run has {accelerator.num_processes}: "
             "resume with the same number of processes (the data order and random states are per process)"
         )
-    written_by_deepspeed = (path / "deepspeed").is_dir()
-    if written_by_deepspeed != is_deepspeed(accelerator):
-        writer, reader = ("DeepSpeed", "no DeepSpeed") if written_by_deepspeed else ("a run without DeepSpeed", "DeepSpeed")
+    writer, reader = _engine_of_checkpoint(path), _engine(accelerator)
+    if writer != reader:
         raise UserInputError(f"{path} was written by {writer}; this run uses {reader}: resume with the same accelerate config")
-    if written_by_deepspeed:
+    if reader == "DeepSpeed":
         model.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=False, load_lr_scheduler_states=False)
+    elif reader == "FSDP":
+        shards = _sharded_state(model, optimizer)
+        dcp.load(shards, checkpoint_id=path / "fsdp")  # fails on any trainable tensor the checkpoint lacks
+        set_state_dict(
+            model, optimizer.optimizer, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"],
+            options=StateDictOptions(ignore_frozen_params=True, strict=False),  # the frozen base is not in it
+        )
     else:
         _load_trainable(path, accelerator.unwrap_model(model))
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
@@ -164,6 +177,27 @@ def load_checkpoint(accelerator, path: Path, model: torch.nn.Module, optimizer, 
         ema.load_state_dict(torch.load(path / "ema.pt", weights_only=False))
     restore_rng(torch.load(path / f"rng-rank{accelerator.process_index}.pt", weights_only=False))
     return state
+
+
+# The frozen base is the model folder's; a checkpoint holds only what trains.
+_TRAINABLE_ONLY = StateDictOptions(ignore_frozen_params=True)
+
+
+def _sharded_state(model: torch.nn.Module, optimizer) -> dict:
+    """This process's shards of the trainable weights and optimizer states, keyed by parameter name."""
+    weights, optimizer_state = get_state_dict(model, optimizer.optimizer, options=_TRAINABLE_ONLY)
+    return {"model": weights, "optimizer": optimizer_state}
+
+
+_UNSHARDED = "neither DeepSpeed nor FSDP"
+
+
+def _engine(accelerator) -> str:
+    return "DeepSpeed" if is_deepspeed(accelerator) else "FSDP" if is_fsdp(accelerator) else _UNSHARDED
+
+
+def _engine_of_checkpoint(path: Path) -> str:
+    return "DeepSpeed" if (path / "deepspeed").is_dir() else "FSDP" if (path / "fsdp").is_dir() else _UNSHARDED
 
 
 def _load_trainable(path: Path, model: torch.nn.Module) -> None:

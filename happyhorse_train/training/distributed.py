@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
 from accelerate.utils import DistributedType
 
 from happyhorse_train.errors import RunHalted, UserInputError
@@ -31,6 +32,22 @@ class Replicated:
     def check_nonfinite_recoverable(self, step: int) -> None:
         """Nothing was applied yet: the loop skips the step."""
 
+    def gathered_weights(self, accelerator, model) -> dict:
+        """The trained model's whole state dict on the main process (every process must call this)."""
+        return accelerator.get_state_dict(model)
+
+
+def _needs_whole_weights(cfg, engine: str) -> list[str]:
+    problems = []
+    if cfg.trainer.ema:
+        problems.append(f"trainer.ema=true: EMA needs whole weights in every process, {engine} shards them")
+    if cfg.validation.every and cfg.validation.prompts:
+        problems.append(
+            f"validation.every: rendering needs whole weights, {engine} shards them; set validation.every=0 and "
+            "render from the saved LoRA with sample.py"
+        )
+    return problems
+
 
 class DeepSpeedZero(Replicated):
     def __init__(self, accelerator):
@@ -38,14 +55,7 @@ class DeepSpeedZero(Replicated):
         self.zero_stage = int(self.plugin.zero_stage)
 
     def check_supported(self, cfg) -> None:
-        problems = []
-        if self.zero_stage == 3 and cfg.trainer.ema:
-            problems.append("trainer.ema=true: EMA needs whole weights in every process, ZeRO-3 shards them")
-        if self.zero_stage == 3 and cfg.validation.every and cfg.validation.prompts:
-            problems.append(
-                "validation.every: rendering needs whole weights, ZeRO-3 shards them; set validation.every=0 and "
-                "render from the saved LoRA with sample.py"
-            )
+        problems = _needs_whole_weights(cfg, "ZeRO-3") if self.zero_stage == 3 else []
         if cfg.memory.base_weights != "bf16":
             problems.append(
                 f"memory.base_weights={cfg.memory.base_weights}: quantized base weights save memory on one GPU; "
@@ -94,9 +104,60 @@ class DeepSpeedZero(Replicated):
         )
 
 
+class FullyShardedDataParallel(Replicated):
+    """FSDP2 via accelerate: `prepare` shards every repeated block and replaces the parameters with DTensors,
+    so the loop re-reads its trainable parameters after `prepare`. Clipping sees the whole gradient norm (the
+    DTensor norm is reduced across processes), so every process skips a non-finite step together."""
+
+    def __init__(self, plugin):
+        self.plugin = plugin  # accelerate's FullyShardedDataParallelPlugin
+
+    def check_supported(self, cfg) -> None:
+        problems = _needs_whole_weights(cfg, "FSDP")
+        if cfg.memory.base_weights != "bf16":
+            problems.append(
+                f"memory.base_weights={cfg.memory.base_weights}: bitsandbytes and fp8 weights are not sharded by "
+                "FSDP; use bf16 and let FSDP shard them"
+            )
+        if cfg.optimizer.name != "adamw":
+            problems.append(f"optimizer.name={cfg.optimizer.name}: untested on FSDP's sharded parameters; use adamw")
+        if cfg.memory.offload_activations:
+            problems.append("memory.offload_activations: untested with FSDP's parameter hooks; FSDP shards instead")
+        if cfg.trainer.compile:
+            problems.append("trainer.compile: untested with FSDP's parameter hooks")
+        if cfg.memory.blocks_to_swap:
+            problems.append("memory.blocks_to_swap: block swap is for one GPU; FSDP shards instead")
+        if problems:
+            raise UserInputError("not supported with FSDP:\n  " + "\n  ".join(problems))
+
+    def configure(self, cfg) -> None:
+        # accelerate's FSDP2 default reduces gradients in the compute dtype; float32, as DDP does, keeps the
+        # summed gradients as exact as a single-process run's.
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        policy = self.plugin.mixed_precision_policy
+        if policy is not None:
+            self.plugin.mixed_precision_policy = MixedPrecisionPolicy(
+                param_dtype=policy.param_dtype, reduce_dtype=torch.float32
+            )
+
+    def gathered_weights(self, accelerator, model) -> dict:
+        # Only what trains: for a LoRA, gathering the frozen base too would copy the whole model to process 0.
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        return get_model_state_dict(model, options=options)
+
+
 def distributed_strategy(accelerator) -> Replicated:
-    return DeepSpeedZero(accelerator) if is_deepspeed(accelerator) else Replicated()
+    if is_deepspeed(accelerator):
+        return DeepSpeedZero(accelerator)
+    return FullyShardedDataParallel(accelerator.state.fsdp_plugin) if is_fsdp(accelerator) else Replicated()
 
 
 def is_deepspeed(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def is_fsdp(accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.FSDP

@@ -140,10 +140,11 @@ def train(cfg) -> Path:
     params = list(trainable_parameters(transformer).values())
     optimizer = build_optimizer(params, cfg.optimizer)
     lr_schedule = build_lr_schedule(optimizer, cfg.optimizer, cfg.trainer.max_steps)
-    ema = EMA(params, cfg.trainer.ema_decay) if cfg.trainer.ema else None
-    trainable_count = sum(p.numel() for p in params)  # before ZeRO-3 shards them
+    ema = EMA(params, cfg.trainer.ema_decay) if cfg.trainer.ema else None  # (refused by FSDP, which replaces params)
+    trainable_count = sum(p.numel() for p in params)  # before ZeRO-3 or FSDP shards them
     strategy.configure(cfg)
     model, optimizer = accelerator.prepare(transformer, optimizer)
+    params = list(trainable_parameters(accelerator.unwrap_model(model)).values())  # FSDP made new ones (DTensors)
     if cfg.memory.blocks_to_swap:  # after prepare, which moves the whole model to the device
         swap = BlockSwap(repeated_blocks(transformer), cfg.memory.blocks_to_swap, accelerator.device)
         accelerator.print(f"block swap: blocks {swap.swapped} live in host RAM, streamed in ahead of use")
@@ -260,7 +261,7 @@ def train(cfg) -> Path:
     # --- the result -----------------------------------------------------------------------------
     if ema is not None:
         ema.copy_to(params)  # the averaged weights are the result
-    weights = accelerator.get_state_dict(model)  # every process takes part: ZeRO-3 gathers the shards here
+    weights = strategy.gathered_weights(accelerator, model)  # every process takes part: ZeRO-3 / FSDP gather here
     if accelerator.is_main_process:
         if lora_config is not None:
             spec.save_lora(

@@ -1,14 +1,19 @@
-"""Two CPU processes under `accelerate launch` (gloo), with the shipped accelerate configs: DDP and DeepSpeed
-ZeRO-2/3 train exactly as one process with the same global batch, and a ZeRO checkpoint resumes."""
+"""Two CPU processes under `accelerate launch` (gloo), with the shipped accelerate configs: DDP, DeepSpeed
+ZeRO-2/3 and FSDP2 train exactly as one process with the same global batch, and ZeRO and FSDP checkpoints resume.
+
+Each engine is run in both modes (LoRA and full) once; a LoRA run that is stopped and resumed and still matches
+the uninterrupted single-process run covers both its equivalence and its checkpoint."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from accelerate.commands.config.config_args import load_config_from_file
 from safetensors.torch import load_file
+from torch.distributed.checkpoint import FileSystemReader
 
 from happyhorse_train.demo.clips import DEMO_CLIPS
 from tests.conftest import REPO, run_script
@@ -29,16 +34,20 @@ def two_clips(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("two_clips"), DEMO_CLIPS[:2])
 
 
-def launcher(config: str | None) -> list[str]:
-    chosen = ["--config_file", str(ACCELERATE_CONFIGS / f"{config}.yaml")] if config else ["--multi_gpu"]
+def launcher(config: str | Path | None) -> list[str]:
+    path = ACCELERATE_CONFIGS / f"{config}.yaml" if isinstance(config, str) else config
+    chosen = ["--config_file", str(path)] if config else ["--multi_gpu"]
+    # accelerate runs FSDP only on GPUs; tests/integration/fsdp_on_cpu.py runs train.py under it on CPUs.
+    script = "tests/integration/fsdp_on_cpu.py" if config == "fsdp" else "train.py"
     return ["-m", "accelerate.commands.launch", *chosen, "--num_processes", "2", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no"]
+            "--mixed_precision", "no", "--dynamo_backend", "no", script]
 
 
 def run(dataset, model_dir, out, mode, *extra, config=None, processes=1):
     overrides = [f"model.path={model_dir}", f"data.dataset={dataset}", f"output_dir={out}", f"trainer.mode={mode}",
                  f"data.batch_size={2 // processes}", *EQUIVALENT, *extra]
-    result = run_script(*(launcher(config) if processes == 2 else []), "train.py", "+experiment=demo", *FAST, *overrides)
+    entry = launcher(config) if processes == 2 else ["train.py"]
+    result = run_script(*entry, "+experiment=demo", *FAST, *overrides)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
@@ -69,20 +78,66 @@ def single_process(two_clips, demo_model_dir, tmp_path_factory) -> dict[str, Pat
     return runs
 
 
-@pytest.mark.parametrize("config", [None, "deepspeed_zero2", "deepspeed_zero3"], ids=["ddp", "zero2", "zero3"])
-@pytest.mark.parametrize("mode", ["lora", "full"])
-def test_two_processes_train_as_one_with_the_same_global_batch(config, mode, single_process, two_clips, demo_model_dir, tmp_path):
-    result = run(two_clips, demo_model_dir, tmp_path, mode, config=config, processes=2)
+@pytest.fixture
+def partitioned_zero3(tmp_path) -> Path:
+    """The shipped ZeRO-3 setup, except that every weight is partitioned: DeepSpeed keeps tensors under 100k
+    elements whole in every process, and the tiny model has no larger ones, so the shipped config would never
+    exercise a sharded weight here."""
+    shipped = load_config_from_file(str(ACCELERATE_CONFIGS / "deepspeed_zero3.yaml")).deepspeed_config
+    deepspeed = {
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                              "stage3_gather_16bit_weights_on_model_save": shipped["zero3_save_16bit_model"]},
+        "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+    }
+    (tmp_path / "deepspeed.json").write_text(json.dumps(deepspeed))
+    config = tmp_path / "accelerate.yaml"
+    config.write_text(
+        f"distributed_type: DEEPSPEED\ndeepspeed_config:\n  deepspeed_config_file: {tmp_path / 'deepspeed.json'}\n"
+        "  zero3_init_flag: false\nnum_machines: 1\nnum_processes: 2\nuse_cpu: false\n"
+    )
+    return config
+
+
+@pytest.mark.parametrize(
+    "config, mode, extra",
+    [(None, "full", []), ("deepspeed_zero2", "lora", []), ("deepspeed_zero2", "full", []),
+     ("partitioned_zero3", "full", []),
+     # Keeping attention outputs (selective checkpointing) recomputes through FSDP's all-gathers.
+     ("fsdp", "full", ["memory.saved_attention_blocks=1"])],
+    ids=["ddp-full", "zero2-lora", "zero2-full", "zero3-full", "fsdp-full"],
+)
+def test_two_processes_train_as_one_with_the_same_global_batch(
+    config, mode, extra, single_process, two_clips, demo_model_dir, request, tmp_path
+):
+    if config == "partitioned_zero3":
+        config = request.getfixturevalue("partitioned_zero3")
+    run_dir = tmp_path / "run"
+    result = run(two_clips, demo_model_dir, run_dir, mode, *extra, config=config, processes=2)
     assert "2 process(es)" in result.stdout
-    if config:
-        assert (tmp_path / "checkpoints" / "step-00000004" / "deepspeed").is_dir()
-    assert_same_run(single_process[mode], tmp_path, mode)
+    assert_same_run(single_process[mode], run_dir, mode)
 
 
 def test_a_zero3_checkpoint_resumes_to_the_uninterrupted_run(single_process, two_clips, demo_model_dir, tmp_path):
     # Stop after 2 of 4 steps (a checkpoint is written there), then resume from it.
     run(two_clips, demo_model_dir, tmp_path, "lora", "trainer.max_steps=2", config="deepspeed_zero3", processes=2)
+    assert (tmp_path / "checkpoints" / "step-00000002" / "deepspeed").is_dir()
     result = run(two_clips, demo_model_dir, tmp_path, "lora", "resume=latest", config="deepspeed_zero3", processes=2)
+    assert "resumed from" in result.stdout and "at step 2" in result.stdout
+    assert_same_run(single_process["lora"], tmp_path, "lora")
+
+
+def test_an_fsdp_checkpoint_is_sharded_and_resumes_to_the_uninterrupted_run(
+    single_process, two_clips, demo_model_dir, tmp_path
+):
+    run(two_clips, demo_model_dir, tmp_path, "lora", "trainer.max_steps=2", config="fsdp", processes=2)
+    checkpoint = tmp_path / "checkpoints" / "step-00000002" / "fsdp"
+    saved = FileSystemReader(checkpoint).read_metadata().state_dict_metadata
+    weights = {name: meta for name, meta in saved.items() if name.startswith("model.")}
+    assert weights and all("lora_" in name for name in weights)  # the trainable weights only, not the frozen base
+    # Each LoRA matrix was saved as two row shards, one written by each process.
+    assert all(len(meta.chunks) == 2 for meta in weights.values())
+    assert any(name.startswith("optimizer.state.") for name in saved)
+    result = run(two_clips, demo_model_dir, tmp_path, "lora", "resume=latest", config="fsdp", processes=2)
     assert "resumed from" in result.stdout and "at step 2" in result.stdout
     assert_same_run(single_process["lora"], tmp_path, "lora")
 
@@ -92,13 +147,13 @@ def test_the_offload_config_encodes_trains_and_its_checkpoint_refuses_a_plain_re
     run(two_clips, demo_model_dir, tmp_path, "lora", "trainer.max_steps=2", f"data.cache={tmp_path / 'cache'}",
         config="deepspeed_zero3_offload", processes=2)
     assert len(losses(tmp_path)) == 2
-    plain = run_script(*launcher(None), "train.py", "+experiment=demo", *FAST, f"model.path={demo_model_dir}", f"data.dataset={two_clips}",
+    plain = run_script(*launcher(None), "+experiment=demo", *FAST, f"model.path={demo_model_dir}", f"data.dataset={two_clips}",
                        f"output_dir={tmp_path}", "trainer.max_steps=4", "resume=latest")
-    assert plain.returncode != 0 and "written by DeepSpeed; this run uses no DeepSpeed" in plain.stderr
+    assert plain.returncode != 0 and "written by DeepSpeed; this run uses neither DeepSpeed nor FSDP" in plain.stderr
 
 
 def test_zero3_refuses_what_needs_whole_weights_before_training(two_clips, demo_model_dir, tmp_path):
-    result = run_script(*launcher("deepspeed_zero3"), "train.py", "+experiment=demo", *FAST, f"model.path={demo_model_dir}",
+    result = run_script(*launcher("deepspeed_zero3"), "+experiment=demo", *FAST, f"model.path={demo_model_dir}",
                         f"data.dataset={two_clips}", f"output_dir={tmp_path}", "trainer.ema=true")
     assert result.returncode != 0  # the launcher reports a failed child as 1; train.py itself exits 2
     assert "not supported with DeepSpeed ZeRO-3" in result.stderr and "trainer.ema" in result.stderr
@@ -107,5 +162,5 @@ def test_zero3_refuses_what_needs_whole_weights_before_training(two_clips, demo_
 @pytest.mark.parametrize("path", sorted(ACCELERATE_CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_shipped_accelerate_config_loads_in_accelerate(path):
     config = load_config_from_file(str(path))
-    assert config.distributed_type.value in ("NO", "MULTI_GPU", "DEEPSPEED")
+    assert config.distributed_type.value in ("NO", "MULTI_GPU", "DEEPSPEED", "FSDP")
     assert config.mixed_precision == "bf16"
