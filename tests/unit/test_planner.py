@@ -290,3 +290,22 @@ def test_the_vae_working_memory_is_measured_for_encode_and_decode():
     peaks = planner.measure.measure_vae_peaks("8b", 720, 480, 17)
     # Measured: encode 4.5 GiB, decode 6.3 GiB (6.7 at 121 frames: the Wan VAE runs causally, a few frames at a time)
     assert 3 * 2**30 < peaks["encode"] < peaks["decode"] < 8 * 2**30
+
+
+def test_fsdp_shards_a_full_fine_tune_and_sharded_engines_count_the_whole_model_before_sharding():
+    # 8B full fine-tune: 4 x 80 GB takes FSDP and ZeRO-3 (weights, gradients and states / 4); on 4 x 24 GB the
+    # fp32 transformer alone (32 GB) is on each GPU before `prepare` shards it, so nothing fits.
+    big = planner.plan(planner.PlanRequest(preset="8b", gpu_memory_gib=80, host_ram_gib=512, width=720, height=480,
+                                           frames=49, num_gpus=4, lora_rank=None))
+    by_config = {e.setting.accelerate_config: e for e in big.estimates if e.setting.changed_overrides() == [
+        f"[{e.setting.accelerate_config}]"]}
+    assert by_config["fsdp"].fits and by_config["deepspeed_zero3"].fits and not by_config["multi_gpu"].fits
+    # fp32 weights / 4 plus two gathered bf16 blocks, against ZeRO-2's whole bf16 copy
+    assert by_config["fsdp"].gpu_terms["weights"] < 0.7 * by_config["deepspeed_zero2"].gpu_terms["weights"]
+    small = planner.plan(planner.PlanRequest(preset="8b", gpu_memory_gib=24, host_ram_gib=512, width=720, height=480,
+                                             frames=49, num_gpus=4, lora_rank=None))
+    assert small.pick is None
+    offload = min((e for e in small.estimates if e.setting.accelerate_config == "deepspeed_zero3_offload"),
+                  key=lambda e: e.gpu_peak)
+    assert offload.gpu_peak_moment == "loading, before sharding"
+    assert offload.gpu_terms["whole transformer"] == 4 * small.facts.total_params

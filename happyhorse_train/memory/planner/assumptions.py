@@ -36,7 +36,8 @@ NF4_BLOCK = 64  # bitsandbytes 4-bit blocksize: one float32 absmax per 64 values
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2}  # per trainable parameter: two fp32 / two 8-bit moments
 # torch's foreach AdamW builds sqrt(v) for all parameters at once: one fp32 temporary per parameter.
 OPTIMIZER_STEP_TEMP_BYTES = {"adamw": 4, "adamw8bit": 0}
-ACCELERATE_CONFIGS = ("multi_gpu", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload")  # configs/accelerate/
+# configs/accelerate/ files the planner weighs for several GPUs
+ACCELERATE_CONFIGS = ("multi_gpu", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload", "fsdp")
 # Preset VAEs that leave their config to the model folder: latent channels -> (spatial, temporal) compression.
 VAE_FACTORS_BY_LATENT_CHANNELS = {16: (8, 4), 48: (16, 4)}  # Wan 2.1 VAE, Wan 2.2 VAE
 

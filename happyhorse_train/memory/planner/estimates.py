@@ -131,12 +131,16 @@ class Layout:
     host_pinned_per_process: int = 0  # swapped blocks
     host_node: int = 0  # offloaded master weights, gradients, states (and ZeRO-3 offload weights), all processes
     host_transfer_per_pass: int = 0  # bytes each process moves host -> GPU per forward / backward pass (weights)
+    # DeepSpeed and FSDP shard in `prepare`, after the trainer has moved the whole transformer to the GPU.
+    whole_model_before_sharding: int = 0
 
 
 def _layout(request: PlanRequest, setting: Setting, facts: ModelFacts) -> Layout:
     config = setting.accelerate_config or "single"
     if config.startswith("deepspeed"):
         return _deepspeed_layout(request, setting, facts)
+    if config == "fsdp":
+        return _fsdp_layout(request, setting, facts)
     return _replicated_layout(request, setting, facts)
 
 
@@ -164,7 +168,8 @@ def _deepspeed_layout(request: PlanRequest, setting: Setting, facts: ModelFacts)
     else:
         model_bf16 = facts.base_bytes(setting.base_weights) + 2 * trainable
     gathered = PREFETCHED_BLOCKS * max(b["bf16"] for b in facts.block_bytes)
-    partitioned = dict(master=4 * trainable // n, grads=4 * trainable // n, states=state_bytes * trainable // n)
+    partitioned = dict(master=4 * trainable // n, grads=4 * trainable // n, states=state_bytes * trainable // n,
+                       whole_model_before_sharding=_stored_model_bytes(request, facts))
     if setting.accelerate_config == "deepspeed_zero2":
         weights = 2 * facts.total_params if request.mode == "full" else _resident_base(facts, setting) + 2 * trainable
         swapped = _swapped_bytes(facts, setting)
@@ -174,7 +179,28 @@ def _deepspeed_layout(request: PlanRequest, setting: Setting, facts: ModelFacts)
         return Layout(weights=model_bf16 // n + gathered, comm_buffers=DEEPSPEED_BUCKET_BYTES, **partitioned)
     # ZeRO-3 offload: weights, master copy, gradients and states in host RAM; the GPU holds the gathered blocks.
     return Layout(weights=gathered, comm_buffers=DEEPSPEED_BUCKET_BYTES,
-                  host_node=model_bf16 + (4 + 4 + state_bytes) * trainable, host_transfer_per_pass=model_bf16 // n)
+                  host_node=model_bf16 + (4 + 4 + state_bytes) * trainable, host_transfer_per_pass=model_bf16 // n,
+                  whole_model_before_sharding=partitioned["whole_model_before_sharding"])
+
+
+def _fsdp_layout(request: PlanRequest, setting: Setting, facts: ModelFacts) -> Layout:
+    """FSDP2 computing in bf16: every weight sharded as stored (trained ones fp32, the frozen base bf16) and
+    gathered in bf16 a block at a time; fp32 gradients and optimizer states sharded. The gathered weights are
+    already bf16, so autocast caches no copies."""
+    n, trainable = request.num_gpus, facts.trainable_params
+    largest_block = max(b["bf16"] for b in facts.block_bytes)
+    stored = _stored_model_bytes(request, facts)
+    # One block's gradients in fp32 while they are reduce-scattered (a LoRA's are negligible).
+    reduce_buffer = 2 * largest_block if request.mode == "full" else 0
+    return Layout(weights=stored // n + PREFETCHED_BLOCKS * largest_block, grads=4 * trainable // n,
+                  states=OPTIMIZER_STATE_BYTES[setting.optimizer] * trainable // n,
+                  step_temp=OPTIMIZER_STEP_TEMP_BYTES[setting.optimizer] * trainable // n, comm_buffers=reduce_buffer,
+                  whole_model_before_sharding=stored)
+
+
+def _stored_model_bytes(request: PlanRequest, facts: ModelFacts) -> int:
+    """The transformer as loaded for training: fp32 for a full fine-tune; a bf16 base with fp32 adapters."""
+    return 4 * facts.trainable_params + (0 if request.mode == "full" else facts.base_bytes("bf16"))
 
 
 def _kept_attention_bytes(setting: Setting, profile: ActivationProfile) -> int:
@@ -237,10 +263,12 @@ def _gpu_estimate(setting, profile, layout) -> tuple[str, dict[str, int]]:
         "communication buffers": layout.comm_buffers,
         "CUDA context": CUDA_CONTEXT_BYTES,
     }
-    moments = _activation_moments(setting, profile, layout)
+    moments = {name: {**static, **terms} for name, terms in _activation_moments(setting, profile, layout).items()}
+    if layout.whole_model_before_sharding:
+        moments["loading, before sharding"] = {"whole transformer": layout.whole_model_before_sharding,
+                                               "CUDA context": CUDA_CONTEXT_BYTES}
     moment = max(moments, key=lambda name: sum(moments[name].values()))
-    terms = {**static, **moments[moment]}
-    return moment, {name: value for name, value in terms.items() if value}
+    return moment, {name: value for name, value in moments[moment].items() if value}
 
 
 def _host_estimate(request, setting, facts, profile, layout) -> tuple[str, dict[str, int]]:
@@ -307,8 +335,9 @@ def _collective_bytes(request, setting, facts) -> float:
         return 2 * ring * 4 * trainable  # all-reduce of fp32 gradients
     if setting.accelerate_config == "deepspeed_zero2":
         return ring * 2 * trainable * 2  # reduce-scatter of bf16 gradients + all-gather of the updated weights
-    weights = 2 * facts.total_params  # ZeRO-3: gather the bf16 weights for forward and for backward
-    return ring * (2 * weights + 2 * trainable)
+    weights = 2 * facts.total_params  # ZeRO-3 and FSDP: gather the bf16 weights for forward and for backward
+    gradient_bytes = 4 if setting.accelerate_config == "fsdp" else 2  # FSDP here reduce-scatters in fp32
+    return ring * (2 * weights + gradient_bytes * trainable)
 
 
 def estimate(request: PlanRequest, setting: Setting, facts: ModelFacts, profile: ActivationProfile) -> Estimate:
@@ -332,9 +361,10 @@ def candidate_settings(request: PlanRequest) -> list[Setting]:
     """Every combination worth estimating, before block swap is sized (see `plan`).
 
     Not combined: quantized bases with a full fine-tune (it trains bf16 compute / fp32 master weights) or with
-    DeepSpeed (train.py refuses: DeepSpeed casts the whole model to bf16); 8-bit Adam or activation offload
-    with DeepSpeed (it partitions its own fp32 states; offload is untested under its hooks and refused);
-    activation offload without checkpointing (it offloads the checkpointed block inputs).
+    DeepSpeed or FSDP (train.py refuses: they shard bf16 weights); 8-bit Adam or activation offload with either
+    (DeepSpeed partitions its own fp32 states; bitsandbytes on FSDP's shards and offload under either engine's
+    hooks are untested and refused); activation offload without checkpointing (it offloads the checkpointed
+    block inputs).
     """
     configs = ACCELERATE_CONFIGS if request.num_gpus > 1 else (None,)
     formats = BASE_FORMATS if request.mode == "lora" else ("bf16",)
@@ -342,30 +372,34 @@ def candidate_settings(request: PlanRequest) -> list[Setting]:
     activation_modes = ((False, False), (True, False), (True, True))  # (checkpointing, offload)
     settings = []
     for config in configs:
+        sharding = _shards_weights(config)
         for base in formats:
-            deepspeed = bool(config and config.startswith("deepspeed"))
-            if base != "bf16" and deepspeed:
+            if base != "bf16" and sharding:
                 continue
             for optimizer in optimizers:
-                if optimizer != "adamw" and deepspeed:
+                if optimizer != "adamw" and sharding:
                     continue
                 for checkpointing, offload in activation_modes:
-                    if offload and deepspeed:
+                    if offload and sharding:
                         continue
                     settings.append(Setting(base, checkpointing, offload, 0, optimizer, config))
     return settings
 
 
+def _shards_weights(config: str | None) -> bool:
+    return bool(config and (config.startswith("deepspeed") or config == "fsdp"))
+
+
 def _can_swap(request: PlanRequest, setting: Setting) -> bool:
     # Block swap streams plain frozen tensors: not a full fine-tune's trained weights, not bitsandbytes' int8 /
     # nf4 tensors (their state lives beside .data; memory/offload.py leaves them in place), and not under
-    # DeepSpeed (train.py refuses it there: ZeRO shards instead).
+    # DeepSpeed or FSDP (train.py refuses it there: they shard instead).
     return (request.mode == "lora" and setting.base_weights not in ("int8", "nf4")
             and setting.accelerate_config in (None, "multi_gpu"))
 
 
 def _can_keep_attention(setting: Setting) -> bool:
-    # train.py takes it with plain checkpointing only, and refuses it under DeepSpeed (untested there).
+    # train.py takes it with plain checkpointing only, and refuses it under DeepSpeed (untested there; FSDP takes it).
     deepspeed = bool(setting.accelerate_config and setting.accelerate_config.startswith("deepspeed"))
     return setting.gradient_checkpointing and not setting.offload_activations and not deepspeed
 
