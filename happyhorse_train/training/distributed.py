@@ -114,6 +114,9 @@ class FullyShardedDataParallel(Replicated):
 
     def check_supported(self, cfg) -> None:
         problems = _needs_whole_weights(cfg, "FSDP")
+        if self.plugin.fsdp_version != 2:
+            problems.append(f"fsdp_version: {self.plugin.fsdp_version}: only FSDP2 is tested; set fsdp_version: 2 in "
+                            "the accelerate config (configs/accelerate/fsdp.yaml)")
         if cfg.memory.base_weights != "bf16":
             problems.append(
                 f"memory.base_weights={cfg.memory.base_weights}: bitsandbytes and fp8 weights are not sharded by "

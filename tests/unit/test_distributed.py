@@ -31,6 +31,8 @@ def test_fsdp_refuses_everything_that_needs_whole_weights_or_one_gpu_in_one_mess
     assert message.startswith("not supported with FSDP:")
     for override in refused:
         assert override.split("=")[0] in message or override.split("=")[1] in message, override
+    with pytest.raises(UserInputError, match="only FSDP2 is tested"):
+        FullyShardedDataParallel(FullyShardedDataParallelPlugin(fsdp_version=1)).check_supported(train_config())
 
 
 def test_fsdp_reduces_gradients_in_float32_and_computes_in_the_mixed_precision_dtype():
