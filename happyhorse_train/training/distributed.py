@@ -9,6 +9,7 @@ this module only adapts to the choice.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 from accelerate.utils import DistributedType
@@ -134,14 +135,16 @@ class FullyShardedDataParallel(Replicated):
             raise UserInputError("not supported with FSDP:\n  " + "\n  ".join(problems))
 
     def configure(self, cfg) -> None:
-        # accelerate's FSDP2 default reduces gradients in the compute dtype; float32, as DDP does, keeps the
-        # summed gradients as exact as a single-process run's.
+        # Two changes to accelerate's FSDP2 mixed precision: gradients are reduced in float32 (its default is
+        # the compute dtype), as DDP does; and the forward's inputs are left as they come. FSDP would cast them
+        # to the compute dtype at every sharded module, rounding the float32 timesteps (873.4 -> 872) and RoPE
+        # tables that every other path keeps in float32; autocast already casts what the matmuls take.
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
         policy = self.plugin.mixed_precision_policy
         if policy is not None:
             self.plugin.mixed_precision_policy = MixedPrecisionPolicy(
-                param_dtype=policy.param_dtype, reduce_dtype=torch.float32
+                param_dtype=policy.param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False
             )
 
     def gathered_weights(self, accelerator, model) -> dict:
@@ -150,6 +153,16 @@ class FullyShardedDataParallel(Replicated):
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
         return get_model_state_dict(model, options=options)
+
+
+def gradient_accumulation(steps: int):
+    """accelerate's accumulation over `steps` batches. By default it skips the gradient sync between them; FSDP
+    would then keep whole unsharded float32 gradients on every GPU until the step, so under FSDP (which the
+    launcher announces in the environment) every batch's gradients are reduce-scattered at once."""
+    from accelerate.utils import GradientAccumulationPlugin
+
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    return GradientAccumulationPlugin(num_steps=steps, sync_each_batch=fsdp)
 
 
 def distributed_strategy(accelerator) -> Replicated:

@@ -32,7 +32,7 @@ from happyhorse_train.memory.streamed_load import peak_host_ram_bytes
 from happyhorse_train.models.geometry import video_latent_shape
 from happyhorse_train.models.spec import get_spec
 from happyhorse_train.training.adapters import make_trainable, trainable_parameters
-from happyhorse_train.training.distributed import distributed_strategy
+from happyhorse_train.training.distributed import distributed_strategy, gradient_accumulation
 from happyhorse_train.training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from happyhorse_train.training.ema import EMA
 from happyhorse_train.training.optim import build_lr_schedule, build_optimizer
@@ -78,7 +78,7 @@ def train(cfg) -> Path:
     resume_from = resolve_resume(output_dir, cfg.resume)
     accelerator = Accelerator(
         mixed_precision=cfg.trainer.mixed_precision,
-        gradient_accumulation_steps=cfg.trainer.gradient_accumulation_steps,
+        gradient_accumulation_plugin=gradient_accumulation(cfg.trainer.gradient_accumulation_steps),
         log_with=None if cfg.logging.logger == "none" else cfg.logging.logger,
         project_dir=str(output_dir),
         **accelerator_options(),

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from happyhorse_train.config import register_configs
 from happyhorse_train.errors import UserInputError
 from happyhorse_train.models.presets import CONFIG_DIR
-from happyhorse_train.training.distributed import FullyShardedDataParallel
+from happyhorse_train.training.distributed import FullyShardedDataParallel, gradient_accumulation
 
 
 def train_config(*overrides: str):
@@ -35,10 +35,19 @@ def test_fsdp_refuses_everything_that_needs_whole_weights_or_one_gpu_in_one_mess
         FullyShardedDataParallel(FullyShardedDataParallelPlugin(fsdp_version=1)).check_supported(train_config())
 
 
-def test_fsdp_reduces_gradients_in_float32_and_computes_in_the_mixed_precision_dtype():
+def test_fsdp_reduces_gradients_in_float32_computes_in_the_mixed_precision_dtype_and_leaves_inputs_alone():
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
     plugin.set_mixed_precision("bf16")  # what accelerate does for mixed_precision: bf16
     assert plugin.mixed_precision_policy.reduce_dtype == torch.bfloat16
     FullyShardedDataParallel(plugin).configure(train_config())
     assert plugin.mixed_precision_policy.param_dtype == torch.bfloat16
     assert plugin.mixed_precision_policy.reduce_dtype == torch.float32
+    assert plugin.mixed_precision_policy.cast_forward_inputs is False
+
+
+def test_under_fsdp_accumulated_gradients_are_reduce_scattered_every_batch(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for an FSDP config
+    fsdp = gradient_accumulation(4)
+    assert fsdp.num_steps == 4 and fsdp.sync_each_batch
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    assert not gradient_accumulation(4).sync_each_batch  # DDP / DeepSpeed: accelerate's skipped syncs
