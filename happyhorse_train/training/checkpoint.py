@@ -111,12 +111,15 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     failure = None
     try:
-        torch.save(rng_state(), temporary / f"rng-rank{accelerator.process_index}.pt")
-        if is_deepspeed(accelerator):  # every process writes its shard; the frozen base is not saved
+        # The engines' collective writes come first: a process that had given up on a write of its own before
+        # them would leave the others waiting in their collectives.
+        engine = _engine(accelerator)
+        if engine == "DeepSpeed":  # every process writes its shard; the frozen base is not saved
             model.save_checkpoint(str(temporary / "deepspeed"), tag="state", exclude_frozen_parameters=True)
-        elif is_fsdp(accelerator):
+        elif engine == "FSDP":
             dcp.save(_sharded_state(model, optimizer), checkpoint_id=temporary / "fsdp")
-        elif accelerator.is_main_process:
+        torch.save(rng_state(), temporary / f"rng-rank{accelerator.process_index}.pt")
+        if engine == _UNSHARDED and accelerator.is_main_process:
             trainable = trainable_parameters(accelerator.unwrap_model(model))
             save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(temporary / "trainable.safetensors"))
             torch.save(optimizer.state_dict(), temporary / "optimizer.pt")
