@@ -195,7 +195,8 @@ def _fsdp_layout(request: PlanRequest, setting: Setting, facts: ModelFacts) -> L
     return Layout(weights=stored // n + PREFETCHED_BLOCKS * largest_block, grads=4 * trainable // n,
                   states=OPTIMIZER_STATE_BYTES[setting.optimizer] * trainable // n,
                   step_temp=OPTIMIZER_STEP_TEMP_BYTES[setting.optimizer] * trainable // n, comm_buffers=reduce_buffer,
-                  whole_model_before_sharding=stored)
+                  # accelerate holds the whole model's state dict while fully_shard allocates the shards.
+                  whole_model_before_sharding=stored + stored // n)
 
 
 def _stored_model_bytes(request: PlanRequest, facts: ModelFacts) -> int:
