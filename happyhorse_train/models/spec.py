@@ -173,6 +173,11 @@ class ModelSpec(ABC):
         if split.is_sharded:
             index = json.dumps({"metadata": split.metadata, "weight_map": split.tensor_to_filename}, indent=2)
             write_atomic(folder / SAFE_WEIGHTS_INDEX_NAME, lambda temporary: temporary.write_text(index))
+            written.append(folder / SAFE_WEIGHTS_INDEX_NAME)
+        # Last, so a failed save leaves the earlier weights: shards or an index of an earlier save would
+        # otherwise be what diffusers loads.
+        for stale in set(folder.glob("diffusion_pytorch_model*.safetensors*")) - set(written):
+            stale.unlink()
         return written
 
     @staticmethod

@@ -22,7 +22,7 @@ def trained_weights(model_dir) -> tuple[torch.nn.Module, dict]:
 def test_the_given_weights_are_written_and_load_with_diffusers(demo_model_dir, tmp_path, max_shard_size):
     transformer, weights = trained_weights(demo_model_dir)
     written = get_spec("happyhorse").save_transformer(tmp_path / "out", transformer, weights, max_shard_size)
-    assert (len(written) > 1) == (max_shard_size == "200KB")
+    assert (len(written) > 2) == (max_shard_size == "200KB")  # shards and their index, or one file
     if len(written) > 1:
         index = json.loads((tmp_path / "out" / "diffusion_pytorch_model.safetensors.index.json").read_text())
         assert sorted(index["weight_map"]) == sorted(weights)
@@ -30,6 +30,16 @@ def test_the_given_weights_are_written_and_load_with_diffusers(demo_model_dir, t
     assert sorted(loaded) == sorted(weights)
     for name, tensor in weights.items():
         torch.testing.assert_close(loaded[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_a_save_over_an_earlier_sharded_one_leaves_nothing_of_it(demo_model_dir, tmp_path):
+    transformer, weights = trained_weights(demo_model_dir)
+    spec = get_spec("happyhorse")
+    spec.save_transformer(tmp_path / "out", transformer, {k: v + 1 for k, v in weights.items()}, "200KB")
+    spec.save_transformer(tmp_path / "out", transformer, weights)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    loaded = HappyHorseTransformer3DModel.from_pretrained(tmp_path / "out").state_dict()
+    torch.testing.assert_close(loaded["proj_out.weight"], weights["proj_out.weight"], rtol=0, atol=0)
 
 
 def test_weights_missing_a_tensor_are_refused_before_anything_is_written(demo_model_dir, tmp_path):
