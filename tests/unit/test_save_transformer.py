@@ -15,7 +15,8 @@ from happyhorse_train.models.spec import get_spec
 def trained_weights(model_dir) -> tuple[torch.nn.Module, dict]:
     transformer = HappyHorseTransformer3DModel.from_pretrained(model_dir / "transformer")
     generator = torch.Generator().manual_seed(1)
-    return transformer, {name: torch.randn(t.shape, generator=generator) for name, t in transformer.state_dict().items()}
+    shapes = {name: tensor.shape for name, tensor in transformer.state_dict().items()}
+    return transformer, {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
 
 
 @pytest.mark.parametrize("max_shard_size", ["10GB", "200KB"], ids=["one-file", "sharded"])
@@ -37,7 +38,8 @@ def test_a_save_over_an_earlier_sharded_one_leaves_nothing_of_it(demo_model_dir,
     spec = get_spec("happyhorse")
     spec.save_transformer(tmp_path / "out", transformer, {k: v + 1 for k, v in weights.items()}, "200KB")
     spec.save_transformer(tmp_path / "out", transformer, weights)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert files == ["config.json", "diffusion_pytorch_model.safetensors"]
     loaded = HappyHorseTransformer3DModel.from_pretrained(tmp_path / "out").state_dict()
     torch.testing.assert_close(loaded["proj_out.weight"], weights["proj_out.weight"], rtol=0, atol=0)
 
