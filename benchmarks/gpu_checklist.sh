@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Every GPU measurement the open issues (7: memory, 8: speed) still need, for a session lent an H200.
-# The device tool runs one command for at most 10 minutes, so the list comes in two parts; each writes its
+# The device tool runs one command for at most 10 minutes, so the list comes in three parts; each writes its
 # logs and JSON to $OUT (or ./gpu-results), and docs/benchmarks.md says where each figure goes.
 #
 # Here, once:   ../shared/tools/gpu_wheels.sh core      (diffusers, hydra, datasets, decord into .whl/core)
-# Then two device calls, each with carry [".whl/core"]:
+# Then three device calls, each with carry [".whl/core"]:
 #   bash benchmarks/gpu_checklist.sh 1    # pytest tests/gpu, then the 8b LoRA step vs the baseline (issue 8)
 #   bash benchmarks/gpu_checklist.sh 2    # the 24 GiB-capped run (issue 7), full fine-tune at 49 frames, inference
+#   bash benchmarks/gpu_checklist.sh 3    # FSDP under a plain accelerate launch on the GPU (issue 7)
 set -uo pipefail
-part=${1:?usage: gpu_checklist.sh 1|2}
+part=${1:?usage: gpu_checklist.sh 1|2|3}
 out=${OUT:-gpu-results}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -29,7 +30,7 @@ run() {  # name, seconds, command...: one check, its output in $out/name.log wha
 
 case $part in
   1)
-    run gpu-tests 200 python3 -m pytest -q -s tests/gpu
+    run gpu-tests 200 python3 -m pytest -q -s tests/gpu --ignore tests/gpu/test_fsdp_cuda.py
     run lora-step 330 python3 benchmarks/train_step.py --preset 8b --size 720x480x121 --lora-rank 32 --steps 5 \
       --warmup 2 --compile --saved-attention-blocks 8 --numerics-size 144x96x17 --json "$out/lora_step.json"
     ;;
@@ -42,5 +43,8 @@ case $part in
     run inference 150 python3 benchmarks/inference_forward.py --preset 8b --size 720x480x121 --steps 5 --warmup 2 \
       --compile --json "$out/inference.json"
     ;;
-  *) echo "unknown part $part: use 1 or 2" >&2; exit 2 ;;
+  3)
+    run fsdp-gpu 300 python3 -m pytest -q -s tests/gpu/test_fsdp_cuda.py
+    ;;
+  *) echo "unknown part $part: use 1, 2 or 3" >&2; exit 2 ;;
 esac
