@@ -115,6 +115,11 @@ def test_two_processes_train_as_one_with_the_same_global_batch(
     result = run(two_clips, demo_model_dir, run_dir, mode, *extra, config=config, processes=2)
     assert "2 process(es)" in result.stdout
     assert_same_run(single_process[mode], run_dir, mode)
+    # Each process trained on its own half of the batches and wrote its own random state.
+    checkpoint = run_dir / "checkpoints" / "step-00000004"
+    assert all((checkpoint / f"rng-rank{rank}.pt").is_file() for rank in (0, 1))
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["batches_in_epoch"] == 1  # 2 global batches an epoch: 1 per rank
 
 
 def test_a_zero3_checkpoint_resumes_to_the_uninterrupted_run(single_process, two_clips, demo_model_dir, tmp_path):

@@ -104,23 +104,6 @@ def test_a_new_run_refuses_an_output_dir_with_checkpoints(dataset, demo_model_di
     assert again.returncode == 2 and "already holds checkpoints" in again.stderr and "resume=latest" in again.stderr
 
 
-def test_two_processes_train_on_different_batches(dataset, demo_model_dir, tmp_path):
-    launcher = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no"]
-    result = train(
-        f"model.path={demo_model_dir}", f"data.dataset={dataset}", f"output_dir={tmp_path}", "trainer.max_steps=4",
-        "data.batch_size=2", "trainer.checkpoint_every=2", launcher=launcher,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 process(es)" in result.stdout
-    assert len(losses(tmp_path)) == 4
-    # Each process trained on its own shard of the batches and wrote its own random state.
-    checkpoint = tmp_path / "checkpoints" / "step-00000004"
-    assert all((checkpoint / f"rng-rank{r}.pt").is_file() for r in (0, 1))
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
-    assert state["world_size"] == 2 and state["batches_in_epoch"] == 1  # 2 global batches an epoch: 1 per rank
-
-
 @pytest.fixture(scope="module")
 def demo_run(dataset, demo_model_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo_run")
