@@ -300,6 +300,9 @@ def test_fsdp_shards_a_full_fine_tune_and_sharded_engines_count_the_whole_model_
     by_config = {e.setting.accelerate_config: e for e in big.estimates if e.setting.changed_overrides() == [
         f"[{e.setting.accelerate_config}]"]}
     assert by_config["fsdp"].fits and by_config["deepspeed_zero3"].fits and not by_config["multi_gpu"].fits
+    # ... and ends by gathering the fp32 model into process 0's host RAM
+    assert by_config["fsdp"].host_peak_moment == "saving"
+    assert by_config["fsdp"].host_terms["final weights gathered on process 0"] == 4 * big.facts.total_params
     # fp32 weights / 4 plus two gathered bf16 blocks, against ZeRO-2's whole bf16 copy
     assert by_config["fsdp"].gpu_terms["weights"] < 0.7 * by_config["deepspeed_zero2"].gpu_terms["weights"]
     small = planner.plan(planner.PlanRequest(preset="8b", gpu_memory_gib=24, host_ram_gib=512, width=720, height=480,
