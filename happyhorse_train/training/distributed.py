@@ -50,6 +50,24 @@ def _needs_whole_weights(cfg, engine: str) -> list[str]:
     return problems
 
 
+def _single_gpu_memory_settings(cfg, engine: str) -> list[str]:
+    """The memory settings made for one GPU: a sharding engine shards instead, and its parameter hooks are
+    untested with theirs."""
+    problems = []
+    if cfg.memory.base_weights != "bf16":
+        problems.append(
+            f"memory.base_weights={cfg.memory.base_weights}: quantized base weights save memory on one GPU; "
+            f"under {engine} use bf16 and let it shard them"
+        )
+    if cfg.memory.offload_activations:
+        problems.append(f"memory.offload_activations: untested with {engine}'s parameter hooks; it shards instead")
+    if cfg.trainer.compile:
+        problems.append(f"trainer.compile: untested with {engine}'s parameter hooks")
+    if cfg.memory.blocks_to_swap:
+        problems.append(f"memory.blocks_to_swap: block swap is for one GPU; {engine} shards instead")
+    return problems
+
+
 class DeepSpeedZero(Replicated):
     def __init__(self, accelerator):
         self.plugin = accelerator.state.deepspeed_plugin
@@ -57,19 +75,9 @@ class DeepSpeedZero(Replicated):
 
     def check_supported(self, cfg) -> None:
         problems = _needs_whole_weights(cfg, "ZeRO-3") if self.zero_stage == 3 else []
-        if cfg.memory.base_weights != "bf16":
-            problems.append(
-                f"memory.base_weights={cfg.memory.base_weights}: quantized base weights save memory on one GPU; "
-                "under DeepSpeed use bf16 and let ZeRO-3 shard them"
-            )
-        if cfg.memory.offload_activations:
-            problems.append("memory.offload_activations: untested under DeepSpeed's parameter hooks; ZeRO shards instead")
-        if cfg.trainer.compile:
-            problems.append("trainer.compile: untested with DeepSpeed's parameter hooks")
+        problems += _single_gpu_memory_settings(cfg, "DeepSpeed")
         if cfg.memory.saved_attention_blocks:
             problems.append("memory.saved_attention_blocks: untested with DeepSpeed's parameter hooks")
-        if cfg.memory.blocks_to_swap:
-            problems.append("memory.blocks_to_swap: block swap is for one GPU; ZeRO-3 (with offload) shards instead")
         if problems:
             raise UserInputError(f"not supported with DeepSpeed ZeRO-{self.zero_stage}:\n  " + "\n  ".join(problems))
 
@@ -118,19 +126,9 @@ class FullyShardedDataParallel(Replicated):
         if self.plugin.fsdp_version != 2:
             problems.append(f"fsdp_version: {self.plugin.fsdp_version}: only FSDP2 is tested; set fsdp_version: 2 in "
                             "the accelerate config (configs/accelerate/fsdp.yaml)")
-        if cfg.memory.base_weights != "bf16":
-            problems.append(
-                f"memory.base_weights={cfg.memory.base_weights}: bitsandbytes and fp8 weights are not sharded by "
-                "FSDP; use bf16 and let FSDP shard them"
-            )
+        problems += _single_gpu_memory_settings(cfg, "FSDP")
         if cfg.optimizer.name != "adamw":
             problems.append(f"optimizer.name={cfg.optimizer.name}: untested on FSDP's sharded parameters; use adamw")
-        if cfg.memory.offload_activations:
-            problems.append("memory.offload_activations: untested with FSDP's parameter hooks; FSDP shards instead")
-        if cfg.trainer.compile:
-            problems.append("trainer.compile: untested with FSDP's parameter hooks")
-        if cfg.memory.blocks_to_swap:
-            problems.append("memory.blocks_to_swap: block swap is for one GPU; FSDP shards instead")
         if problems:
             raise UserInputError("not supported with FSDP:\n  " + "\n  ".join(problems))
 
