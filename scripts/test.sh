@@ -4,4 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
+# DeepSpeed compiles its CPU shared-memory collectives the first time a process on a CPU uses them (~30 s on two
+# cores, again whenever the venv moves). Build them here, once, not inside whichever scale-out test runs first.
+python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" > /dev/null 2>&1 \
+    || echo "note: DeepSpeed's CPU shared-memory op did not build here; the first scale-out test will try again"
 python -m pytest "$@"
