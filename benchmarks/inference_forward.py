@@ -4,10 +4,11 @@
     python benchmarks/inference_forward.py --preset tiny --size 144x96x17 --device cpu
 
 (a) toolkit: the forward as validation and sample.py run it: the pipeline's attention kernel choice
-    (models/attention.py), blocks compiled with --compile (trainer.compile), classifier-free guidance as one
-    batch of two (HappyHorsePipeline), the unconditional prompt padded and masked.
-(b) baseline: the same weights, plain SDPA with torch's default kernel choice, no compile, guidance as two
-    forwards (conditional, then unconditional), as diffusers' Wan pipeline runs it.
+    (models/attention.py), linear layers reading the same input fused (models/fused_linear.py), blocks compiled
+    with --compile (trainer.compile), classifier-free guidance as one batch of two (HappyHorsePipeline), the
+    unconditional prompt padded and masked.
+(b) baseline: the same weights, plain SDPA with torch's default kernel choice, one matmul per linear layer, no
+    compile, guidance as two forwards (conditional, then unconditional), as diffusers' Wan pipeline runs it.
 
 Prints median seconds of one batch-1 forward and of one guided step for each, their ratios, and the largest
 difference between the two sides' outputs.
@@ -25,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import (  # noqa: E402  (the training benchmark's setup and measuring helpers)
-    _free, _peak_bytes, _reset_peak, baseline_attention, build_transformer, compute_dtype_for, latent_shape,
+    _free, _peak_bytes, _reset_peak, baseline_kernels, build_transformer, compute_dtype_for, latent_shape,
     load_preset, parse_size, time_steps,
 )
 
@@ -91,7 +92,7 @@ def main(argv=None) -> dict:
         return forward(torch.cat([latents, latents]), both_text, both_mask, t.expand(2))
 
     results = {}
-    with baseline_attention():
+    with baseline_kernels():
         results["baseline_forward"] = measure(lambda: forward(latents, cond, None, t), args.steps, args.warmup, device)
         results["baseline_guided_step"] = measure(baseline_guided, args.steps, args.warmup, device)
     if args.compile:

@@ -4,9 +4,11 @@
     python benchmarks/train_step.py --preset tiny --size 144x96x17 --steps 2 --warmup 1 --device cpu --json out.json
 
 (a) toolkit: a random transformer of the preset, `make_trainable` as train.py calls it (fp32 LoRA over a frozen
-    compute-dtype base), gradient checkpointing, AdamW from `build_optimizer`, the toolkit's `flow_matching_loss`.
-(b) baseline: the same random weights, a plain peft LoRA (same rank, alpha, targets), gradient checkpointing,
-    fp32 adapters, torch.autocast(bf16) on CUDA (fp32 on CPU), inline MSE flow-matching loss, torch AdamW.
+    compute-dtype base), fused projections (models/fused_linear.py), gradient checkpointing, AdamW from
+    `build_optimizer`, the toolkit's `flow_matching_loss`.
+(b) baseline: the same random weights, a plain peft LoRA (same rank, alpha, targets), one matmul per layer and
+    per LoRA branch, gradient checkpointing, fp32 adapters, torch.autocast(bf16) on CUDA (fp32 on CPU), inline
+    MSE flow-matching loss, torch AdamW.
 
 Reports the measured matmul peak, median step times, tokens/s, model FLOPs and MFU, peak memory, the
 baseline/toolkit time ratio and a numerics check (`numerics_check`, also used by the unit tests).
@@ -15,6 +17,7 @@ baseline/toolkit time ratio and a numerics check (`numerics_check`, also used by
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import inspect
 import json
@@ -35,6 +38,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from happyhorse_train.models import attention as attention_hook  # noqa: E402
+from happyhorse_train.models.fused_linear import unfused_linears  # noqa: E402
 from happyhorse_train.models.presets import CONFIG_DIR, load_preset  # noqa: E402
 from happyhorse_train.models.spec import get_spec  # noqa: E402
 from happyhorse_train.memory.planner import latent_shape, parse_size  # noqa: E402  (the planner's, checked)
@@ -156,9 +160,12 @@ def plain_sdpa(query, key, value, attn_mask):
 attention_hook.register_attention_backend("benchmark-plain-sdpa", plain_sdpa)
 
 
-def baseline_attention():
-    """The baseline's model runs plain SDPA; the toolkit's runs its own kernel choice (models/attention.py)."""
-    return attention_hook.using_attention_backend("benchmark-plain-sdpa")
+@contextlib.contextmanager
+def baseline_kernels():
+    """The baseline's model runs plain SDPA and one matmul per linear layer; the toolkit's runs its own attention
+    kernel choice (models/attention.py) and fuses the layers that read the same input (models/fused_linear.py)."""
+    with attention_hook.using_attention_backend("benchmark-plain-sdpa"), unfused_linears():
+        yield
 
 
 def synthetic_batch(shape, text_tokens, text_dim, batch_size, seed=0):
@@ -248,7 +255,7 @@ def numerics_check(preset="tiny", size=(144, 96, 17), mode="lora", rank=32, devi
     loss_tk.backward()
     x0, noise, sigma = baseline_inputs(batch, pipe.vae.config, [torch.Generator().manual_seed(s) for s in seeds],
                                        device, cfg.flow)
-    with baseline_attention():
+    with baseline_kernels():
         loss_bl = baseline_loss(bl, x0, noise, sigma, batch["text_states"], device)
         loss_bl.backward()
 
@@ -364,7 +371,7 @@ def run_baseline(preset, args, device, shape, text_tokens) -> dict:
         x0, noise, sigma = baseline_inputs(batch, vae_cfg, None, device)
         return baseline_loss(model, x0, noise, sigma, batch["text_states"], device)
 
-    with baseline_attention():
+    with baseline_kernels():
         return _timed_training(loss_of_step, params, optimizer, args, device)
 
 

@@ -4,26 +4,14 @@ checkpointing, and their attention kernels really run once instead of twice."""
 import pytest
 import torch
 from omegaconf import OmegaConf
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from happyhorse_train.memory.checkpointing import ATTENTION_OPS, BlockCheckpointing
 from happyhorse_train.memory.offload import repeated_blocks
 from happyhorse_train.models.presets import CONFIG_DIR
 from happyhorse_train.models.spec import get_spec
 from happyhorse_train.training.adapters import make_trainable
+from tests.op_count import OpCount
 from tests.unit.test_transformer import tiny_inputs, tiny_transformer
-
-
-class AttentionKernelCount(TorchDispatchMode):
-    """Counts attention kernels that execute (a result served from the checkpoint's store is not counted)."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func in ATTENTION_OPS
-        return func(*args, **(kwargs or {}))
 
 
 def lora_model():
@@ -43,7 +31,7 @@ def gradients_and_kernel_count(saved_attention_blocks: int):
     model = lora_model()
     model.enable_gradient_checkpointing(BlockCheckpointing(repeated_blocks(model), saved_attention_blocks, compiled=False))
     latents, text, timestep = tiny_inputs()
-    with AttentionKernelCount() as counter:
+    with OpCount(ATTENTION_OPS) as counter:
         model(latents, text, timestep).sample.square().mean().backward()
     return {name: p.grad for name, p in model.named_parameters() if p.requires_grad}, counter.count
 

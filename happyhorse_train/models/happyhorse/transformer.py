@@ -22,6 +22,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 
 from happyhorse_train.models.attention import attention
+from happyhorse_train.models.fused_linear import fused_linears
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -86,10 +87,11 @@ class GatedAttentionProjections(nn.Module):
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (batch, tokens, dim) -> q, k, v as (batch, heads, tokens, head_dim) and gate (batch, tokens, heads)."""
-        q = self.norm_q(self.to_q(x).unflatten(-1, (self.num_heads, self.head_dim))).transpose(1, 2)
-        k = self.norm_k(self.to_k(x).unflatten(-1, (self.num_kv_heads, self.head_dim))).transpose(1, 2)
-        v = self.to_v(x).unflatten(-1, (self.num_kv_heads, self.head_dim)).transpose(1, 2)
-        return q, k, v, self.to_gate(x)
+        q, k, v, gate = fused_linears(x, [self.to_q, self.to_k, self.to_v, self.to_gate])
+        q = self.norm_q(q.unflatten(-1, (self.num_heads, self.head_dim))).transpose(1, 2)
+        k = self.norm_k(k.unflatten(-1, (self.num_kv_heads, self.head_dim))).transpose(1, 2)
+        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        return q, k, v, gate
 
     def output(self, attended: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """attended (batch, heads, tokens, head_dim), gate (batch, tokens, heads) -> (batch, tokens, dim)."""
@@ -98,6 +100,9 @@ class GatedAttentionProjections(nn.Module):
 
 
 class SwiGLU(nn.Module):
+    # gate_proj and up_proj read the same input but are not fused (models/fused_linear.py): the fused output and
+    # its gradient would be one tokens x 2*ffn_dim tensor (2.4 GB at the 8b's 42k tokens), doubling the largest
+    # tensor of the backward to save one gradient addition.
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden_dim)

@@ -1,0 +1,135 @@
+"""models/fused_linear.py: layers reading one input run as one matmul (their LoRAs as two more), with peft's results."""
+
+import peft
+import pytest
+import torch
+import torch.nn as nn
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from happyhorse_train.models.fused_linear import fused_linears, unfused_linears
+from happyhorse_train.models.happyhorse.spec import HappyHorseSpec
+from happyhorse_train.training.adapters import make_trainable
+from tests.op_count import OpCount
+from tests.unit.test_transformer import tiny_inputs, tiny_transformer
+
+_aten = torch.ops.aten
+MATMULS = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default}
+
+
+def trainable_transformer(mode="lora", rank=4, alpha=8.0):
+    """The tiny transformer made trainable as train.py makes it (fp32), LoRA B random (B = 0 would make every
+    LoRA gradient but B's zero)."""
+    model = tiny_transformer()
+    lora = type("Lora", (), {"rank": rank, "alpha": alpha, "dropout": 0.0, "target_modules": None, "init": "default"})
+    make_trainable(model, mode, lora, HappyHorseSpec.default_lora_targets, torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    return model.train()
+
+
+def loss_and_grads(model, fused: bool):
+    latents, text, timestep = tiny_inputs()
+    model.zero_grad(set_to_none=True)
+    count = OpCount(MATMULS)
+    with count, (torch.enable_grad() if fused else unfused_linears()):
+        loss = model(latents, text, timestep).sample.square().mean()
+    loss.backward()
+    grads = {name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None}
+    return loss.detach(), grads, count.count
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_loss_and_gradients_equal_layer_by_layer_with_fewer_matmuls(mode):
+    model = trainable_transformer(mode)  # LoRA: alpha / rank = 2, a scale the fused path folds into B
+    fused_loss, fused_grads, fused_matmuls = loss_and_grads(model, fused=True)
+    loss, grads, matmuls = loss_and_grads(model, fused=False)
+    torch.testing.assert_close(fused_loss, loss, rtol=1e-6, atol=0)
+    assert grads.keys() == fused_grads.keys() and len(grads) > 0
+    for name, grad in grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    # Per stream, Q, K, V and the attention gate take 1 matmul instead of 4, and their LoRAs 2 instead of 4 x 2.
+    streams = 5  # tiny: a modality-specific block (text, video), a shared one, another modality-specific one
+    assert matmuls - fused_matmuls == streams * (12 - 3 if mode == "lora" else 4 - 1)
+
+
+def test_bf16_autocast_matches_within_bf16_rounding():
+    model = trainable_transformer()
+    latents, text, timestep = tiny_inputs()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = model(latents, text, timestep).sample.float()
+        with unfused_linears():
+            reference = model(latents, text, timestep).sample.float()
+    assert ((fused - reference).abs().max() / reference.abs().max()).item() < 2e-2
+    assert not torch.equal(fused, torch.zeros_like(fused))
+
+
+def test_several_adapters_merged_and_disabled_give_peft_outputs():
+    model = trainable_transformer()
+    # A second adapter on Q only: the other layers of the group get an empty block for it.
+    first = next(iter(model.peft_config))
+    q_only = peft.LoraConfig(r=2, target_modules=["to_q"], init_lora_weights="gaussian")
+    model.add_adapter(q_only, adapter_name="q_only")
+    model.set_adapters([first, "q_only"], weights=[0.7, 1.5])
+    latents, text, timestep = tiny_inputs()
+
+    def both():
+        with torch.no_grad():
+            fused = model(latents, text, timestep).sample
+            with unfused_linears():
+                return fused, model(latents, text, timestep).sample
+
+    fused, reference = both()
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)
+    for layer in model.modules():
+        if isinstance(layer, BaseTunerLayer):
+            layer.merge()  # the adapters added into the base weights: the fused path runs the bases alone
+    merged, reference_merged = both()
+    torch.testing.assert_close(merged, reference_merged, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(merged, fused, rtol=1e-4, atol=1e-5)
+    model.disable_adapters()  # (peft unmerges first)
+    disabled, reference_disabled = both()
+    torch.testing.assert_close(disabled, reference_disabled, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(disabled, fused, atol=1e-4)  # the adapters did change the output
+
+
+class TwoLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Linear(8, 6), nn.Linear(8, 3)
+
+
+@pytest.mark.parametrize("why", ["lora dropout while training", "a forward hook", "bf16 base, fp32 LoRA, no autocast"])
+def test_layers_it_cannot_fuse_exactly_run_one_by_one(why):
+    torch.manual_seed(0)
+    module, x = TwoLayers(), torch.randn(2, 5, 8)
+    config = peft.LoraConfig(r=2, target_modules=["first", "second"], init_lora_weights="gaussian")
+    if why == "lora dropout while training":
+        config.lora_dropout = 0.5
+    if why == "bf16 base, fp32 LoRA, no autocast":  # peft casts the input to each adapter's dtype itself
+        module, x = module.to(torch.bfloat16), x.to(torch.bfloat16)
+    module = peft.inject_adapter_in_model(config, module).train()
+    if why == "bf16 base, fp32 LoRA, no autocast":
+        for name, param in module.named_parameters():
+            param.data = param.data.float() if "lora_" in name else param.data
+    if why == "a forward hook":
+        module.second.register_forward_pre_hook(lambda layer, args: None)
+    layers = [module.first, module.second]
+    count = OpCount(MATMULS)
+    with count:
+        outputs = fused_linears(x, layers)
+    assert count.count == 2 * 3  # a base, A and B matmul per layer
+    if why != "lora dropout while training":
+        for output, layer in zip(outputs, layers):
+            torch.testing.assert_close(output, layer(x))
+
+
+def test_plain_layers_fuse_into_one_matmul():
+    module, x = TwoLayers(), torch.randn(2, 5, 8)
+    count = OpCount(MATMULS)
+    with count:
+        outputs = fused_linears(x, [module.first, module.second])
+    assert count.count == 1
+    for output, layer in zip(outputs, [module.first, module.second]):
+        torch.testing.assert_close(output, layer(x))
