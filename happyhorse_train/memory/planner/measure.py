@@ -21,6 +21,7 @@ from happyhorse_train.memory.offload import repeated_blocks
 from happyhorse_train.memory.planner.facts import meta_encoders, meta_training_transformer, meta_transformer
 from happyhorse_train.memory.planner.request import latent_shape
 from happyhorse_train.models import attention as attention_hook
+from happyhorse_train.models.fused_linear import emulated_autocast
 from happyhorse_train.models.presets import load_preset
 from happyhorse_train.models.spec import get_spec
 
@@ -344,7 +345,8 @@ def _forward_and_loss(model, blocks, spec, inputs, ledger):
     saved tensor until this returns, so no counted storage is freed and its key reused while counting.)"""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with flash_like_attention(), FlopCounterMode(display=False) as flops, ledger.recording(blocks), EmulatedAutocast():
+    with flash_like_attention(), FlopCounterMode(display=False) as flops, ledger.recording(blocks), \
+            EmulatedAutocast(), emulated_autocast(COMPUTE_DTYPE):
         prediction = spec.predict_velocity(model, **inputs)
         F.mse_loss(prediction.float(), torch.empty(prediction.shape, device="meta"))  # the loss saves too
     return flops
