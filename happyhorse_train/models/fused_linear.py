@@ -57,12 +57,13 @@ def emulated_autocast(dtype: torch.dtype):
 
 def fused_linears(x: torch.Tensor, layers: list[nn.Module]) -> list[torch.Tensor]:
     """`[layer(x) for layer in layers]`, in one matmul for the bases and two per active LoRA adapter."""
-    adapters = [_adapters_on(layer) for layer in layers]
-    if not (_enabled and _fusable(x, layers, adapters)):
-        return [layer(x) for layer in layers]
     bases = [_base(layer) for layer in layers]
+    adapters = [_adapters_on(layer) for layer in layers]
+    autocast = _autocast_dtype(x)
+    if not (_enabled and _fusable(x, autocast, layers, bases, adapters)):
+        return [layer(x) for layer in layers]
     # Cast before concatenating, as autocast would for each layer: no float32 copy of the whole group.
-    dtype = _autocast_dtype(x) or x.dtype
+    dtype = autocast or x.dtype
     bias = None if bases[0].bias is None else torch.cat([base.bias.to(dtype) for base in bases])
     out = _FusedLinear.apply(x, dtype, bias, *(base.weight for base in bases))
     rows = out.flatten(0, -2)
@@ -131,8 +132,8 @@ def _plain(module: nn.Module) -> bool:
     return type(module) is nn.Linear and _unhooked(module) and module.weight.is_floating_point()
 
 
-def _fusable(x: torch.Tensor, layers: list[nn.Module], adapters: list[list[str]]) -> bool:
-    bases = [_base(layer) for layer in layers]
+def _fusable(x: torch.Tensor, autocast: torch.dtype | None, layers: list[nn.Module], bases: list[nn.Module],
+             adapters: list[list[str]]) -> bool:
     if not all(_plain(base) and base.weight.device == x.device for base in bases):
         return False
     if len({base.bias is None for base in bases}) > 1:
@@ -151,7 +152,7 @@ def _fusable(x: torch.Tensor, layers: list[nn.Module], adapters: list[list[str]]
                 return False
             weights += [down.weight, up.weight]
     # Without autocast, F.linear needs one dtype; peft would have cast the input to each adapter's dtype.
-    return _autocast_dtype(x) is not None or all(w.dtype == x.dtype for w in weights)
+    return autocast is not None or all(w.dtype == x.dtype for w in weights)
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:

@@ -153,6 +153,16 @@ class EmulatedAutocast(TorchFunctionMode):
     `torch.autocast`. E.g. peft casts a LoRA's input to the adapter's fp32, and autocast casts it back: one
     extra bf16 copy of the input per adapted layer. Ops autocast runs in fp32 are not emulated."""
 
+    def __enter__(self):
+        # models/fused_linear.py asks torch for the autocast dtype, which the meta device cannot say: it is told.
+        self._fused_linears = emulated_autocast(COMPUTE_DTYPE)
+        self._fused_linears.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exception):
+        super().__exit__(*exception)
+        self._fused_linears.__exit__(*exception)
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _AUTOCAST_LOWER_PRECISION:
@@ -345,8 +355,7 @@ def _forward_and_loss(model, blocks, spec, inputs, ledger):
     saved tensor until this returns, so no counted storage is freed and its key reused while counting.)"""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with flash_like_attention(), FlopCounterMode(display=False) as flops, ledger.recording(blocks), \
-            EmulatedAutocast(), emulated_autocast(COMPUTE_DTYPE):
+    with flash_like_attention(), FlopCounterMode(display=False) as flops, ledger.recording(blocks), EmulatedAutocast():
         prediction = spec.predict_velocity(model, **inputs)
         F.mse_loss(prediction.float(), torch.empty(prediction.shape, device="meta"))  # the loss saves too
     return flops
