@@ -37,7 +37,10 @@ def _rename(module: str, renames: Renames, reverse: bool = False) -> str:
 def diffusers_to_comfyui(state_dict: dict[str, torch.Tensor], alpha: float, renames: Renames) -> dict[str, torch.Tensor]:
     converted = {}
     for key, tensor in state_dict.items():
-        module, kind = re.fullmatch(rf"{re.escape(DIFFUSERS_PREFIX)}(.+)\.(lora_A|lora_B)\.weight", key).groups()
+        match = re.fullmatch(rf"{re.escape(DIFFUSERS_PREFIX)}(.+)\.(lora_A|lora_B)\.weight", key)
+        if match is None:  # e.g. a DoRA magnitude or a LoRA bias, which ComfyUI's layout has no key for
+            raise UserInputError(f"{key!r} is not a LoRA A or B weight: ComfyUI's layout has no key for it")
+        module, kind = match.groups()
         target = COMFYUI_PREFIX + _rename(module, renames)
         converted[f"{target}.{'lora_down' if kind == 'lora_A' else 'lora_up'}.weight"] = tensor
         converted[f"{target}.alpha"] = torch.tensor(float(alpha))
@@ -59,8 +62,10 @@ def comfyui_to_diffusers(state_dict: dict[str, torch.Tensor], renames: Renames) 
         converted[f"{DIFFUSERS_PREFIX}{_rename(module, renames, reverse=True)}.{name}.weight"] = tensor
     if len(alphas) > 1:
         raise UserInputError(f"the LoRA has {len(alphas)} different alphas; the diffusers layout holds one")
-    rank = next(t.shape[0] for k, t in converted.items() if k.endswith("lora_A.weight"))
-    return converted, alphas.pop() if alphas else float(rank)
+    ranks = [t.shape[0] for k, t in converted.items() if k.endswith("lora_A.weight")]
+    if not ranks:
+        raise UserInputError("the file has no lora_down weights: not a LoRA")
+    return converted, alphas.pop() if alphas else float(ranks[0])
 
 
 def adapter_metadata(rank: int, alpha: float, target_modules: list[str]) -> dict:

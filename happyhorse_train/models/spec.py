@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from happyhorse_train.errors import UserInputError
 from happyhorse_train.files import write_atomic
 from happyhorse_train.models.latent_space import normalize_latents
 from happyhorse_train.models.layout import check_model_folder
@@ -202,7 +203,7 @@ def _register_all() -> None:
 def get_spec(backbone: str, max_sequence_length: int = 512) -> ModelSpec:
     _register_all()
     if backbone not in _REGISTRY:
-        raise ValueError(f"unknown backbone {backbone!r}; known: {', '.join(sorted(_REGISTRY))}")
+        raise UserInputError(f"model.backbone={backbone!r} is unknown; use one of {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[backbone](max_sequence_length)
 
 
@@ -214,7 +215,5 @@ def spec_for_folder(path: str | Path, max_sequence_length: int = 512) -> ModelSp
     for spec_class in _REGISTRY.values():
         if spec_class.pipeline_class.__name__ == class_name:
             return spec_class(max_sequence_length)
-    from happyhorse_train.errors import UserInputError
-
     known = ", ".join(c.pipeline_class.__name__ for c in _REGISTRY.values())
     raise UserInputError(f"{path}: no backbone for a model folder of class {class_name!r} (known: {known})")

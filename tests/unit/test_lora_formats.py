@@ -49,3 +49,11 @@ def test_mixed_alphas_and_foreign_keys_are_refused():
         formats.comfyui_to_diffusers(comfy, [])
     with pytest.raises(UserInputError, match="not a ComfyUI LoRA key"):
         formats.comfyui_to_diffusers({"lora_unet_x.lora_down.weight": torch.zeros(1)}, [])
+
+
+def test_keys_a_layout_cannot_hold_are_refused_by_name():
+    dora = {**random_lora(["a"]), "transformer.a.lora_magnitude_vector": torch.ones(4)}
+    with pytest.raises(UserInputError, match="'transformer.a.lora_magnitude_vector' is not a LoRA A or B weight"):
+        formats.diffusers_to_comfyui(dora, 1.0, [])
+    with pytest.raises(UserInputError, match="no lora_down weights: not a LoRA"):
+        formats.comfyui_to_diffusers({"diffusion_model.a.alpha": torch.tensor(1.0)}, [])
