@@ -15,8 +15,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
-# Fastest first, as measured on an H200 at 42k tokens, 32 heads x 128, bf16 (DESIGN.md section 5): cuDNN 545
-# TFLOP/s forward+backward, flash 329, memory-efficient 140. SDPA takes the first that accepts the inputs.
+# Fastest first, as measured on an H200 at 42k tokens, 32 heads x 128, bf16 (docs/benchmarks.md, reference
+# figures): cuDNN 545 TFLOP/s forward+backward, flash 329, memory-efficient 140. SDPA takes the first that
+# accepts the inputs.
 CUDA_KERNEL_PRIORITY = [
     SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH,
 ]

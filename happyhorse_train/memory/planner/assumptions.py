@@ -20,8 +20,9 @@ HOST_PROCESS_BYTES = 3 * GiB  # python + torch + CUDA libraries, per training pr
 # The backward's working set beyond the saved tensors: the gradient flowing into and out of the op that
 # saved the largest tensor, i.e. this many copies of that tensor.
 BACKWARD_TRANSIENT_COPIES = 2
-# bf16 FLOP/s a training step achieves. Calibrated on DESIGN.md section 5: the hand-written LoRA step for an
-# 8.2B DiT at 41,850 tokens does 6.2e15 FLOPs (6NT-style count with recompute) in 14.1 s on an H200.
+# bf16 FLOP/s a training step achieves. Calibrated on docs/benchmarks.md's reference figures: the hand-written
+# LoRA step for an 8.2B DiT at 41,850 tokens does 6.2e15 FLOPs (6NT-style count with recompute) in 14.1 s on
+# an H200.
 ACHIEVED_FLOPS = 440e12
 PCIE_BYTES_PER_S = 25e9  # host <-> GPU, PCIe 5 x16 effective, each direction (full duplex)
 INTERCONNECT_BYTES_PER_S = 150e9  # NCCL bus bandwidth between GPUs of one node: NVLink class (PCIe-only: ~10x less)
@@ -34,8 +35,10 @@ DEQUANT_SLOWDOWN = {"bf16": 1.00, "fp8": 1.05, "fp8-block": 1.08, "int8": 1.15, 
 NF4_BLOCK = 64  # bitsandbytes 4-bit blocksize: one float32 absmax per 64 values (no double quantization)
 
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2}  # per trainable parameter: two fp32 / two 8-bit moments
-# torch's foreach AdamW builds sqrt(v) for all parameters at once: one fp32 temporary per parameter.
-OPTIMIZER_STEP_TEMP_BYTES = {"adamw": 4, "adamw8bit": 0}
+# The optimizer step's temporaries per trainable parameter. training/optim.py builds torch's fused AdamW, which
+# updates in place: measured on the CPU, one step over 1 GiB of fp32 parameters raised the peak by 64 KiB
+# (foreach AdamW, which builds sqrt(v) for all parameters at once: by 1 GiB, one fp32 copy).
+OPTIMIZER_STEP_TEMP_BYTES = {"adamw": 0, "adamw8bit": 0}
 # configs/accelerate/ files the planner weighs for several GPUs
 ACCELERATE_CONFIGS = ("multi_gpu", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload", "fsdp")
 # Preset VAEs that leave their config to the model folder: latent channels -> (spatial, temporal) compression.
