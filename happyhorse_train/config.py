@@ -174,6 +174,11 @@ class TrainConfig:
     resume: Optional[str] = None
 
 
+def validation_on(cfg) -> bool:
+    """Whether a training run renders validation samples: it needs both a period and prompts."""
+    return bool(cfg.validation.every and cfg.validation.prompts)
+
+
 def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(name="sample_schema", node=SampleConfig)

@@ -56,3 +56,15 @@ def make_random_lora(model_dir: Path, out_dir: Path, seed: int, rank: int = 4, s
         transformer_lora_adapter_metadata=config.to_dict(),
     )
     return out_dir / "pytorch_lora_weights.safetensors"
+
+
+def train_config(*overrides: str):
+    """train.py's config composed in process: the demo experiment with `overrides`."""
+    from hydra import compose, initialize_config_dir
+
+    from happyhorse_train.config import register_configs
+    from happyhorse_train.models.presets import CONFIG_DIR
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        return compose("train", overrides=["+experiment=demo", "data.dataset=unused", "output_dir=unused", *overrides])

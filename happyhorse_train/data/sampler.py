@@ -119,17 +119,24 @@ class BucketBatchSampler(Sampler[list[int]]):
             "buckets_sha256": self._buckets_sha256,
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def differences(self, state: dict) -> list[str]:
+        """How a saved `state_dict()` differs from this sampler in what decides the batch list (none: a
+        resume can continue where that state was)."""
         ours = self.state_dict()
-        missing = sorted(set(ours) - set(state))
+        return [
+            f"{key} was {state.get(key)!r}, is {ours[key]!r} now" for key in _MUST_MATCH if state.get(key) != ours[key]
+        ]
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = sorted(set(self.state_dict()) - set(state))
         if missing:
             raise ValueError(f"sampler state lacks {', '.join(missing)}: not a BucketBatchSampler state_dict")
-        for key in _MUST_MATCH:
-            if state[key] != ours[key]:
-                raise UserInputError(
-                    f"cannot resume sampler: {key} was {state[key]!r} in the checkpoint but is {ours[key]!r} now"
-                    " (the dataset or the data config changed since the checkpoint)"
-                )
+        changes = self.differences(state)
+        if changes:
+            raise UserInputError(
+                f"cannot resume sampler: {'; '.join(changes)} (the dataset or the data config changed since the "
+                "checkpoint)"
+            )
         if not 0 <= state["batches_yielded"] <= self._len:
             raise ValueError(f"sampler state has batches_yielded {state['batches_yielded']}, outside [0, {self._len}]")
         # The seed comes from the checkpoint so the resumed epoch continues the order it started with.

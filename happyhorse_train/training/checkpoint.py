@@ -35,7 +35,12 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from happyhorse_train.errors import RunHalted, UserInputError
 from happyhorse_train.training.adapters import trainable_parameters
-from happyhorse_train.training.distributed import is_deepspeed, is_fsdp
+from happyhorse_train.training.distributed import (
+    DeepSpeedZero,
+    FullyShardedDataParallel,
+    Replicated,
+    distributed_strategy,
+)
 
 CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"^step-(\d{8})$")
@@ -113,13 +118,13 @@ def save_checkpoint(
     try:
         # The engines' collective writes come first: a process that had given up on a write of its own before
         # them would leave the others waiting in their collectives.
-        engine = _engine(accelerator)
-        if engine == "DeepSpeed":  # every process writes its shard; the frozen base is not saved
+        engine = distributed_strategy(accelerator).name
+        if engine == DeepSpeedZero.name:  # every process writes its shard; the frozen base is not saved
             model.save_checkpoint(str(temporary / "deepspeed"), tag="state", exclude_frozen_parameters=True)
-        elif engine == "FSDP":
+        elif engine == FullyShardedDataParallel.name:
             dcp.save(_sharded_state(model, optimizer), checkpoint_id=temporary / "fsdp")
         torch.save(rng_state(), temporary / f"rng-rank{accelerator.process_index}.pt")
-        if engine == _UNSHARDED and accelerator.is_main_process:
+        if engine == Replicated.name and accelerator.is_main_process:
             trainable = trainable_parameters(accelerator.unwrap_model(model))
             save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(temporary / "trainable.safetensors"))
             torch.save(optimizer.state_dict(), temporary / "optimizer.pt")
@@ -160,12 +165,12 @@ def load_checkpoint(accelerator, path: Path, model: torch.nn.Module, optimizer, 
             f"{path} was written by {state['world_size']} process(es), this run has {accelerator.num_processes}: "
             "resume with the same number of processes (the data order and random states are per process)"
         )
-    writer, reader = _engine_of_checkpoint(path), _engine(accelerator)
+    writer, reader = _engine_of_checkpoint(path), distributed_strategy(accelerator).name
     if writer != reader:
         raise UserInputError(f"{path} was written by {writer}; this run uses {reader}: resume with the same accelerate config")
-    if reader == "DeepSpeed":
+    if reader == DeepSpeedZero.name:
         model.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=False, load_lr_scheduler_states=False)
-    elif reader == "FSDP":
+    elif reader == FullyShardedDataParallel.name:
         shards = _sharded_state(model, optimizer)
         dcp.load(shards, checkpoint_id=path / "fsdp")  # fails on any trainable tensor the checkpoint lacks
         set_state_dict(
@@ -177,6 +182,8 @@ def load_checkpoint(accelerator, path: Path, model: torch.nn.Module, optimizer, 
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
     lr_schedule.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     if ema is not None:
+        if not (path / "ema.pt").is_file():
+            raise UserInputError(f"{path} holds no EMA weights (its run had trainer.ema=false): resume with that")
         ema.load_state_dict(torch.load(path / "ema.pt", weights_only=False))
     restore_rng(torch.load(path / f"rng-rank{accelerator.process_index}.pt", weights_only=False))
     return state
@@ -192,23 +199,32 @@ def _sharded_state(model: torch.nn.Module, optimizer) -> dict:
     return {"model": weights, "optimizer": optimizer_state}
 
 
-_UNSHARDED = "neither DeepSpeed nor FSDP"
-
-
-def _engine(accelerator) -> str:
-    return "DeepSpeed" if is_deepspeed(accelerator) else "FSDP" if is_fsdp(accelerator) else _UNSHARDED
-
-
 def _engine_of_checkpoint(path: Path) -> str:
-    return "DeepSpeed" if (path / "deepspeed").is_dir() else "FSDP" if (path / "fsdp").is_dir() else _UNSHARDED
+    """The name of the distributed strategy that wrote the checkpoint at `path`."""
+    if (path / "deepspeed").is_dir():
+        return DeepSpeedZero.name
+    return FullyShardedDataParallel.name if (path / "fsdp").is_dir() else Replicated.name
 
 
 def _load_trainable(path: Path, model: torch.nn.Module) -> None:
     saved = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
-    missing = [name for name in saved if name not in params]
-    if missing or len(saved) != sum(p.requires_grad for p in params.values()):
-        raise UserInputError(f"{path} does not match this model's trainable weights (e.g. {missing[:2]}); same config?")
+    trained_here = {name for name, param in params.items() if param.requires_grad}
+    problems = [
+        (f"{len(names)} {what}", names[:2])
+        for what, names in (
+            ("trainable weights it lacks", sorted(trained_here - set(saved))),
+            ("weights this run does not train", sorted(set(saved) - trained_here)),
+            ("weights of another shape", sorted(n for n in set(saved) & trained_here if saved[n].shape != params[n].shape)),
+        )
+        if names
+    ]
+    if problems:
+        listed = "; ".join(f"{count} (e.g. {', '.join(examples)})" for count, examples in problems)
+        raise UserInputError(
+            f"{path} does not hold this run's trainable weights: {listed}. Resume with the settings the run "
+            "started with (trainer.mode, lora.*)"
+        )
     with torch.no_grad():
         for name, tensor in saved.items():
             params[name].copy_(tensor)

@@ -8,18 +8,22 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from happyhorse_train.config import validation_on
 from happyhorse_train.errors import UserInputError
 from happyhorse_train.memory.quantize import BASE_WEIGHT_FORMATS
+from happyhorse_train.training.adapters import LORA_INIT
+from happyhorse_train.training.flow_matching import LOSS_WEIGHTING, SIGMA_SAMPLING
+from happyhorse_train.training.optim import OPTIMIZERS, SCHEDULES
 
 CHOICES = {
     "trainer.mode": ("lora", "full"),
     "trainer.mixed_precision": ("bf16", "fp16", "no"),
-    "lora.init": ("default", "gaussian", "pissa", "olora"),
-    "flow.sigma_sampling": ("uniform", "logit_normal", "mode"),
-    "flow.loss_weighting": ("none", "cosmap", "sigma_sqrt"),
-    "optimizer.name": ("adamw", "adamw8bit"),
+    "lora.init": tuple(LORA_INIT),
+    "flow.sigma_sampling": SIGMA_SAMPLING,
+    "flow.loss_weighting": LOSS_WEIGHTING,
+    "optimizer.name": OPTIMIZERS,
     "memory.base_weights": BASE_WEIGHT_FORMATS,
-    "optimizer.scheduler": ("constant", "linear", "cosine"),
+    "optimizer.scheduler": tuple(SCHEDULES),
     "logging.logger": ("wandb", "tensorboard", "none"),
     "logging.wandb_mode": ("offline", "online"),
 }
@@ -37,7 +41,9 @@ def check_train_config(cfg) -> None:
     for key, allowed in CHOICES.items():
         if _get(cfg, key) not in allowed:
             problems.append(f"{key}={_get(cfg, key)!r}: use one of {', '.join(allowed)}")
-    positive = ["trainer.max_steps", "trainer.gradient_accumulation_steps", "data.batch_size", "optimizer.lr"]
+    positive = [
+        "trainer.max_steps", "trainer.gradient_accumulation_steps", "trainer.log_every", "data.batch_size", "optimizer.lr"
+    ]
     if cfg.trainer.mode == "lora":
         positive += ["lora.rank", "lora.alpha"]
     problems += [f"{key}={_get(cfg, key)}: must be greater than 0" for key in positive if not _get(cfg, key) > 0]
@@ -52,13 +58,10 @@ def check_train_config(cfg) -> None:
             problems.append(f"lora.save_formats has {layout!r}: use any of {', '.join(LORA_FORMATS)}")
     if cfg.trainer.ema and not 0 < cfg.trainer.ema_decay < 1:
         problems.append(f"trainer.ema_decay={cfg.trainer.ema_decay}: must be in (0, 1)")
-    if cfg.validation.every and cfg.validation.prompts:
-        frames, height, width = cfg.validation.num_frames, cfg.validation.height, cfg.validation.width
-        if frames < 1 or (frames - 1) % 4:
+    if validation_on(cfg):  # (its height and width are checked against the model's own rule once it loads)
+        frames = cfg.validation.num_frames
+        if frames < 1 or (frames - 1) % 4:  # every shipped VAE compresses time 4x, keeping the first frame
             problems.append(f"validation.num_frames={frames}: must be 4k+1 (e.g. {max(1, (frames - 1) // 4 * 4 + 1)})")
-        for key, size in (("validation.height", height), ("validation.width", width)):
-            if size <= 0 or size % 16:
-                problems.append(f"{key}={size}: must be a multiple of 16")
     if cfg.model.path is None:
         problems.append("model.path is not set: point it at a diffusers-layout model folder")
     dataset = Path(cfg.data.dataset)

@@ -14,11 +14,14 @@ import os
 import torch
 from accelerate.utils import DistributedType
 
+from happyhorse_train.config import validation_on
 from happyhorse_train.errors import RunHalted, UserInputError
 
 
 class Replicated:
     """Single process or DDP: the loop sees the gradients before the optimizer steps."""
+
+    name = "neither DeepSpeed nor FSDP"  # what checkpoints say wrote them
 
     def check_supported(self, cfg) -> None:
         pass
@@ -42,7 +45,7 @@ def _needs_whole_weights(cfg, engine: str) -> list[str]:
     problems = []
     if cfg.trainer.ema:
         problems.append(f"trainer.ema=true: EMA needs whole weights in every process, {engine} shards them")
-    if cfg.validation.every and cfg.validation.prompts:
+    if validation_on(cfg):
         problems.append(
             f"validation.every: rendering needs whole weights, {engine} shards them; set validation.every=0 and "
             "render from the saved LoRA with sample.py"
@@ -69,13 +72,15 @@ def _single_gpu_memory_settings(cfg, engine: str) -> list[str]:
 
 
 class DeepSpeedZero(Replicated):
+    name = "DeepSpeed"
+
     def __init__(self, accelerator):
         self.plugin = accelerator.state.deepspeed_plugin
         self.zero_stage = int(self.plugin.zero_stage)
 
     def check_supported(self, cfg) -> None:
         problems = _needs_whole_weights(cfg, "ZeRO-3") if self.zero_stage == 3 else []
-        problems += _single_gpu_memory_settings(cfg, "DeepSpeed")
+        problems += _single_gpu_memory_settings(cfg, self.name)
         if cfg.memory.saved_attention_blocks:
             problems.append("memory.saved_attention_blocks: untested with DeepSpeed's parameter hooks")
         if problems:
@@ -118,15 +123,17 @@ class FullyShardedDataParallel(Replicated):
     so the loop re-reads its trainable parameters after `prepare`. Clipping sees the whole gradient norm (the
     DTensor norm is reduced across processes), so every process skips a non-finite step together."""
 
+    name = "FSDP"
+
     def __init__(self, plugin):
         self.plugin = plugin  # accelerate's FullyShardedDataParallelPlugin
 
     def check_supported(self, cfg) -> None:
-        problems = _needs_whole_weights(cfg, "FSDP")
+        problems = _needs_whole_weights(cfg, self.name)
         if self.plugin.fsdp_version != 2:
             problems.append(f"fsdp_version: {self.plugin.fsdp_version}: only FSDP2 is tested; set fsdp_version: 2 in "
                             "the accelerate config (configs/accelerate/fsdp.yaml)")
-        problems += _single_gpu_memory_settings(cfg, "FSDP")
+        problems += _single_gpu_memory_settings(cfg, self.name)
         if cfg.optimizer.name != "adamw":
             problems.append(f"optimizer.name={cfg.optimizer.name}: untested on FSDP's sharded parameters; use adamw")
         if problems:
@@ -164,14 +171,8 @@ def gradient_accumulation(steps: int):
 
 
 def distributed_strategy(accelerator) -> Replicated:
-    if is_deepspeed(accelerator):
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
         return DeepSpeedZero(accelerator)
-    return FullyShardedDataParallel(accelerator.state.fsdp_plugin) if is_fsdp(accelerator) else Replicated()
-
-
-def is_deepspeed(accelerator) -> bool:
-    return accelerator.distributed_type == DistributedType.DEEPSPEED
-
-
-def is_fsdp(accelerator) -> bool:
-    return accelerator.distributed_type == DistributedType.FSDP
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return FullyShardedDataParallel(accelerator.state.fsdp_plugin)
+    return Replicated()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from diffusers.optimization import get_scheduler
 
+OPTIMIZERS = ("adamw", "adamw8bit")  # torch's, bitsandbytes' 8-bit states
+
 
 def build_optimizer(parameters: list[torch.nn.Parameter], cfg) -> torch.optim.Optimizer:
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps)
@@ -17,6 +19,11 @@ def build_optimizer(parameters: list[torch.nn.Parameter], cfg) -> torch.optim.Op
     return torch.optim.AdamW(parameters, fused=fused, **kwargs)
 
 
+# optimizer.scheduler's values, and diffusers' names for them (each warms up over optimizer.warmup_steps)
+SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+
+
 def build_lr_schedule(optimizer: torch.optim.Optimizer, cfg, max_steps: int):
-    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[cfg.scheduler]
-    return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=max_steps)
+    return get_scheduler(
+        SCHEDULES[cfg.scheduler], optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=max_steps
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from peft.utils import get_peft_model_state_dict
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from happyhorse_train.config import validation_on
 from happyhorse_train.data.cache import LatentCache
 from happyhorse_train.data.caching import fill_cache
 from happyhorse_train.data.dataset import CachedClipDataset, collate_clips
@@ -48,6 +50,12 @@ class StopRequest:
     def __init__(self):
         self.signal_name: str | None = None
         self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def __enter__(self) -> StopRequest:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.restore()
 
     def _handle(self, number, frame) -> None:
         self.signal_name = signal.Signals(number).name
@@ -93,6 +101,8 @@ def train(cfg) -> Path:
     # A LoRA's frozen base loads straight in the compute dtype (an 8B float32 copy would be 32 GB of host RAM);
     # a full fine-tune keeps float32 master weights.
     load_dtype = compute_dtype if cfg.trainer.mode == "lora" else torch.float32
+    manifest = load_manifest(cfg.data.dataset)
+    batch_sampler(manifest["bucket"], cfg, rank, world)  # before loading: a batch size no bucket fills fails here
     # The transformer stays off the GPU while the encoders fill the cache (a quantized one is not even loaded
     # yet): the two together would not fit the cards the memory settings are for.
     with strategy.loading():
@@ -101,13 +111,17 @@ def train(cfg) -> Path:
             transformer_to_device=False,
         )
     pipe.set_progress_bar_config(disable=True)
-    manifest = load_manifest(cfg.data.dataset)
     for bucket in sorted(set(manifest["bucket"])):  # before any encoding: a shape the model cannot take fails here
         frames, height, width = (int(part) for part in bucket.split("x"))
         try:
             video_latent_shape(pipe, height, width, frames)
         except UserInputError as error:
             raise UserInputError(f"dataset bucket {bucket} does not fit {cfg.model.preset}: {error}") from error
+    if validation_on(cfg):  # the model's own size rule, rather than finding out at the first render
+        try:
+            video_latent_shape(pipe, cfg.validation.height, cfg.validation.width, cfg.validation.num_frames)
+        except UserInputError as error:
+            raise UserInputError(f"validation size does not fit {cfg.model.preset}: {error}") from error
     cache = LatentCache(cfg.data.cache or Path(cfg.data.dataset) / "cache")
     if cfg.data.verify_cache and accelerator.is_main_process:
         for shard, why in cache.verify():
@@ -148,13 +162,20 @@ def train(cfg) -> Path:
     if cfg.memory.blocks_to_swap:  # after prepare, which moves the whole model to the device
         swap = BlockSwap(repeated_blocks(transformer), cfg.memory.blocks_to_swap, accelerator.device)
         accelerator.print(f"block swap: blocks {swap.swapped} live in host RAM, streamed in ahead of use")
-    sampler = BucketBatchSampler(dataset.buckets, cfg.data.batch_size, cfg.seed, rank, world)
+    sampler = batch_sampler(dataset.buckets, cfg, rank, world)
 
     state = TrainState()
     if resume_from is not None:
         saved = load_checkpoint(accelerator, resume_from, model, optimizer, lr_schedule, ema)
         state = TrainState(**{key: saved[key] for key in asdict(state)})
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
+        changes = sampler.differences(saved["sampler"]) if "sampler" in saved else []
+        if changes:  # the saved position indexes a batch list that no longer exists
+            state.batches_in_epoch = 0
+            accelerator.print(
+                f"the clips or the batch settings changed since that checkpoint ({'; '.join(changes)}): epoch "
+                f"{state.epoch} starts over with the dataset as it is now"
+            )
     run_log = RunLog(accelerator, output_dir, cfg, state.step)
     accelerator.print(
         f"training {cfg.trainer.mode} on {len(dataset)} clips ({len(dataset.missing)} not cached), "
@@ -163,100 +184,104 @@ def train(cfg) -> Path:
 
     # --- the loop -------------------------------------------------------------------------------
     accumulation = cfg.trainer.gradient_accumulation_steps
-    progress = tqdm(total=cfg.trainer.max_steps, initial=state.step, desc="training", disable=not accelerator.is_main_process)
+    progress = tqdm(
+        total=cfg.trainer.max_steps, initial=state.step, desc="training", disable=not accelerator.is_main_process
+    )
     window = _new_window(accelerator.device)
     micro_step = 0
-    stop = StopRequest()
-    while state.step < cfg.trainer.max_steps:
-        sampler.set_epoch(state.epoch)
-        sampler.load_state_dict({**sampler.state_dict(), "batches_yielded": state.batches_in_epoch})
-        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_clips, num_workers=cfg.data.num_workers)
-        for batch in loader:
-            state.batches_in_epoch += 1
-            generators = [
-                sample_generator(cfg.seed, state.step, micro_step % accumulation, clip_id)
-                for clip_id in batch["clip_ids"]
-            ]
-            micro_step += 1
-            with accelerator.accumulate(model):  # also tells DeepSpeed where the accumulation boundary is
-                loss, tokens = flow_matching_loss(batch, generators, cfg, spec, pipe, model, empty_text, accelerator.device, compute_dtype)
-                accelerator.backward(loss)  # divided by the accumulation steps (by accelerate, or DeepSpeed)
-            window["loss"] += loss.detach().float() / accumulation  # stays on the device: no sync per batch
-            window["samples"] += batch["latent_mean"].shape[0]
-            window["tokens"] += tokens
-            if not accelerator.sync_gradients:
-                continue
-
-            max_norm = cfg.optimizer.max_grad_norm or float("inf")
-            grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(params, max_norm))
-            if not torch.isfinite(grad_norm):
-                strategy.check_nonfinite_recoverable(state.step)
-                # Gradients are all-reduced, so every process sees the same norm and skips together.
-                optimizer.zero_grad(set_to_none=True)
-                state.skipped_steps += 1
-                state.nonfinite_in_a_row += 1
-                if state.nonfinite_in_a_row >= cfg.trainer.max_consecutive_nonfinite:
-                    raise RunHalted(
-                        f"{state.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (at step "
-                        f"{state.step}); stopping. Lower optimizer.lr or check the data; the last checkpoint is intact."
+    with StopRequest() as stop, progress:  # the signal handlers go back however the loop ends
+        while state.step < cfg.trainer.max_steps:
+            sampler.set_epoch(state.epoch)
+            sampler.load_state_dict({**sampler.state_dict(), "batches_yielded": state.batches_in_epoch})
+            loader = DataLoader(
+                dataset, batch_sampler=sampler, collate_fn=collate_clips, num_workers=cfg.data.num_workers
+            )
+            for batch in loader:
+                state.batches_in_epoch += 1
+                generators = [
+                    sample_generator(cfg.seed, state.step, micro_step % accumulation, clip_id)
+                    for clip_id in batch["clip_ids"]
+                ]
+                micro_step += 1
+                with accelerator.accumulate(model):  # also tells DeepSpeed where the accumulation boundary is
+                    loss, tokens = flow_matching_loss(
+                        batch, generators, cfg, spec, pipe, model, empty_text, accelerator.device, compute_dtype
                     )
-                window = {**_new_window(accelerator.device), "started": window["started"]}
-                continue
-            optimizer.step()
-            lr_schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(params)
-            state.step += 1
-            state.nonfinite_in_a_row = 0
-            progress.update()
+                    accelerator.backward(loss)  # divided by the accumulation steps (by accelerate, or DeepSpeed)
+                window["loss"] += loss.detach().float() / accumulation  # stays on the device: no sync per batch
+                window["samples"] += batch["latent_mean"].shape[0]
+                window["tokens"] += tokens
+                if not accelerator.sync_gradients:
+                    continue
 
-            seconds = time.perf_counter() - window["started"]
-            metrics = {
-                "loss": accelerator.reduce(window["loss"], "mean").item(),
-                "lr": lr_schedule.get_last_lr()[0],
-                "grad_norm": grad_norm.item(),
-                "samples_per_s": window["samples"] * world / seconds,
-                "tokens_per_s": window["tokens"] * world / seconds,
-                "skipped_steps": state.skipped_steps,
-            }
-            if torch.cuda.is_available():
-                metrics["gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-            metrics["host_ram_peak_gb"] = peak_host_ram_bytes() / 2**30
-            run_log.log_step(metrics, state.step, to_tracker=state.step % cfg.trainer.log_every == 0)
-            progress.set_postfix(loss=f"{metrics['loss']:.4f}")
-            window = _new_window(accelerator.device)
+                max_norm = cfg.optimizer.max_grad_norm or float("inf")
+                grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(params, max_norm))
+                if not torch.isfinite(grad_norm):
+                    strategy.check_nonfinite_recoverable(state.step)
+                    # Gradients are all-reduced, so every process sees the same norm and skips together.
+                    optimizer.zero_grad(set_to_none=True)
+                    state.skipped_steps += 1
+                    state.nonfinite_in_a_row += 1
+                    if state.nonfinite_in_a_row >= cfg.trainer.max_consecutive_nonfinite:
+                        raise RunHalted(
+                            f"{state.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (at step "
+                            f"{state.step}); stopping. Lower optimizer.lr or check the data; the last checkpoint is "
+                            "intact."
+                        )
+                    window = {**_new_window(accelerator.device), "started": window["started"]}
+                    continue
+                optimizer.step()
+                lr_schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update(params)
+                state.step += 1
+                state.nonfinite_in_a_row = 0
+                progress.update()
 
-            done = state.step >= cfg.trainer.max_steps
-            interrupted = not done and stop.agreed(accelerator)
-            if done or interrupted or (cfg.trainer.checkpoint_every and state.step % cfg.trainer.checkpoint_every == 0):
-                save_checkpoint(
-                    accelerator, output_dir, state.step, model, optimizer, lr_schedule, ema,
-                    asdict(state), cfg.trainer.keep_checkpoints,
-                )
-            if cfg.validation.every and cfg.validation.prompts and (done or state.step % cfg.validation.every == 0):
-                if accelerator.is_main_process:
-                    folder = output_dir / "validation" / f"step-{state.step:08d}"
-                    with encoders_on_device_while_running(pipe, accelerator.device):
-                        paths = render_validation(pipe, cfg.validation, folder, accelerator.autocast)
-                    run_log.log_videos(paths, list(cfg.validation.prompts), state.step)
-                accelerator.wait_for_everyone()
-            if interrupted:
-                stop.restore()
-                progress.close()
-                run_log.finish()
-                accelerator.print(
-                    f"stopped by {stop.signal_name} at step {state.step}; checkpoint written. "
-                    f"Continue with: resume=latest output_dir={output_dir}"
-                )
-                return output_dir
-            if done:
-                break
-        else:
-            state.epoch += 1
-            state.batches_in_epoch = 0
-    progress.close()
-    stop.restore()
+                seconds = time.perf_counter() - window["started"]
+                metrics = {
+                    "loss": accelerator.reduce(window["loss"], "mean").item(),
+                    "lr": lr_schedule.get_last_lr()[0],
+                    "grad_norm": grad_norm.item(),
+                    "samples_per_s": window["samples"] * world / seconds,
+                    "tokens_per_s": window["tokens"] * world / seconds,
+                    "skipped_steps": state.skipped_steps,
+                }
+                if torch.cuda.is_available():
+                    metrics["gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                metrics["host_ram_peak_gb"] = peak_host_ram_bytes() / 2**30
+                run_log.log_step(metrics, state.step, to_tracker=state.step % cfg.trainer.log_every == 0)
+                progress.set_postfix(loss=f"{metrics['loss']:.4f}")
+                window = _new_window(accelerator.device)
+
+                done = state.step >= cfg.trainer.max_steps
+                interrupted = not done and stop.agreed(accelerator)
+                periodic = cfg.trainer.checkpoint_every and state.step % cfg.trainer.checkpoint_every == 0
+                if done or interrupted or periodic:
+                    save_checkpoint(
+                        accelerator, output_dir, state.step, model, optimizer, lr_schedule, ema,
+                        {**asdict(state), "sampler": sampler.state_dict()}, cfg.trainer.keep_checkpoints,
+                    )
+                if validation_on(cfg) and (done or state.step % cfg.validation.every == 0):
+                    if accelerator.is_main_process:
+                        folder = output_dir / "validation" / f"step-{state.step:08d}"
+                        with encoders_on_device_while_running(pipe, accelerator.device):
+                            paths = render_validation(pipe, cfg.validation, folder, accelerator.autocast)
+                        run_log.log_videos(paths, list(cfg.validation.prompts), state.step)
+                    accelerator.wait_for_everyone()
+                if interrupted:
+                    run_log.finish()
+                    accelerator.print(
+                        f"stopped by {stop.signal_name} at step {state.step}; checkpoint written. "
+                        f"Continue with: resume=latest output_dir={output_dir}"
+                    )
+                    return output_dir
+                if done:
+                    break
+            else:
+                state.epoch += 1
+                state.batches_in_epoch = 0
 
     # --- the result -----------------------------------------------------------------------------
     if ema is not None:
@@ -276,9 +301,23 @@ def train(cfg) -> Path:
         else:
             spec.save_transformer(output_dir / "transformer", transformer, weights)
             accelerator.print(f"wrote the transformer to {output_dir / 'transformer'}")
-    run_log.finish()
     accelerator.wait_for_everyone()
+    run_log.finish()  # last: accelerate's end_training also ends the process group
     return output_dir
+
+
+def batch_sampler(buckets, cfg, rank: int, world: int) -> BucketBatchSampler:
+    """This process's batches of `buckets` (one clip's bucket each); refuses a batch size that makes none (the
+    loop would wait forever for its first batch)."""
+    sampler = BucketBatchSampler(list(buckets), cfg.data.batch_size, cfg.seed, rank, world)
+    if len(sampler) == 0:
+        largest = max(Counter(buckets).values())
+        raise UserInputError(
+            f"data.batch_size={cfg.data.batch_size} makes no full batch for {world} process(es): the largest "
+            f"bucket of {cfg.data.dataset} holds {largest} usable clip(s), and a batch takes clips of one bucket "
+            "(a bucket's last partial batch is dropped). Lower data.batch_size, or add clips"
+        )
+    return sampler
 
 
 def _new_window(device: torch.device) -> dict:

@@ -100,7 +100,8 @@ def partitioned_zero3(tmp_path) -> Path:
 
 @pytest.mark.parametrize(
     "config, mode, extra",
-    [(None, "full", []), ("deepspeed_zero2", "lora", []), ("deepspeed_zero2", "full", []),
+    # A tracker as well in one: its end (accelerate's end_training) ends the process group, so it must come last.
+    [(None, "full", ["logging.logger=tensorboard"]), ("deepspeed_zero2", "lora", []), ("deepspeed_zero2", "full", []),
      ("partitioned_zero3", "full", []),
      # Keeping attention outputs (selective checkpointing) recomputes through FSDP's all-gathers.
      ("fsdp", "full", ["memory.saved_attention_blocks=1"])],
@@ -118,6 +119,8 @@ def test_two_processes_train_as_one_with_the_same_global_batch(
     # Each process trained on its own half of the batches and wrote its own random state.
     checkpoint = run_dir / "checkpoints" / "step-00000004"
     assert all((checkpoint / f"rng-rank{rank}.pt").is_file() for rank in (0, 1))
+    if "logging.logger=tensorboard" in extra:
+        assert list(run_dir.rglob("events.out.tfevents.*"))
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["batches_in_epoch"] == 1  # 2 global batches an epoch: 1 per rank
 

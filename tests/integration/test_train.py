@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,7 @@ def test_resume_continues_exactly(dataset, demo_model_dir, tmp_path):
     # 5 steps, as a run stopped after its step-5 checkpoint would have left things; then resume to 10.
     first = train(*common, f"output_dir={tmp_path / 'split'}", "trainer.max_steps=5")
     assert first.returncode == 0, first.stderr[-3000:]
+    shutil.copytree(tmp_path / "split", tmp_path / "changed")
     resumed = train(*common, f"output_dir={tmp_path / 'split'}", "resume=latest")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "step 5" in resumed.stdout
@@ -95,6 +97,12 @@ def test_resume_continues_exactly(dataset, demo_model_dir, tmp_path):
     a = load_file(tmp_path / "straight" / "lora" / "pytorch_lora_weights.safetensors")
     b = load_file(tmp_path / "split" / "lora" / "pytorch_lora_weights.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # Another batch size makes another batch list: the saved position in it means nothing, so the epoch restarts.
+    changed = train(*common, f"output_dir={tmp_path / 'changed'}", "resume=latest", "data.batch_size=1",
+                    "trainer.max_steps=6")
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    assert "changed since that checkpoint (batch_size was 2, is 1 now): epoch 2 starts over" in changed.stdout
 
 
 def test_a_new_run_refuses_an_output_dir_with_checkpoints(dataset, demo_model_dir, tmp_path):
@@ -186,6 +194,21 @@ def test_config_errors_are_one_clear_line_before_any_model_loads(override, messa
     assert result.returncode != 0
     assert message in result.stderr and "Traceback" not in result.stderr
     assert "Loading pipeline components" not in result.stderr
+
+
+def test_a_batch_size_no_bucket_fills_and_a_validation_size_the_model_cannot_take_are_refused(
+    dataset, demo_model_dir, tmp_path
+):
+    common = [f"model.path={demo_model_dir}", f"data.dataset={dataset}", f"output_dir={tmp_path}"]
+    too_big = train(*common, "data.batch_size=8")  # 6 clips: 5 in the largest bucket
+    assert too_big.returncode == 2, too_big.stderr[-2000:]
+    assert "data.batch_size=8 makes no full batch for 1 process(es): the largest bucket" in too_big.stderr
+    assert "holds 5 usable clip(s)" in too_big.stderr and "Loading pipeline components" not in too_big.stderr
+    # 40 = 5 x the VAE's 8: a size the model cannot take (VAE x patch = 16), which only the model can tell
+    bad_size = train(*common, "validation.every=2", "validation.prompts=[a]", "validation.height=40")
+    assert bad_size.returncode == 2, bad_size.stderr[-2000:]
+    assert "validation size does not fit tiny: height=40 does not fit the model" in bad_size.stderr
+    assert "training lora" not in bad_size.stdout  # refused before encoding and training
 
 
 def test_wandb_offline_and_tensorboard_receive_the_metrics(dataset, demo_model_dir, tmp_path):

@@ -6,18 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 from accelerate.utils import FullyShardedDataParallelPlugin
-from hydra import compose, initialize_config_dir
 
-from happyhorse_train.config import register_configs
 from happyhorse_train.errors import UserInputError
-from happyhorse_train.models.presets import CONFIG_DIR
 from happyhorse_train.training.distributed import FullyShardedDataParallel, gradient_accumulation
-
-
-def train_config(*overrides: str):
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        return compose("train", overrides=["+experiment=demo", "data.dataset=unused", "output_dir=unused", *overrides])
+from tests.conftest import train_config
 
 
 def test_fsdp_refuses_everything_that_needs_whole_weights_or_one_gpu_in_one_message():
