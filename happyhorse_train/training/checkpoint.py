@@ -210,12 +210,13 @@ def _load_trainable(path: Path, model: torch.nn.Module) -> None:
     saved = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     trained_here = {name for name, param in params.items() if param.requires_grad}
+    reshaped = sorted(name for name in set(saved) & trained_here if saved[name].shape != params[name].shape)
     problems = [
         (f"{len(names)} {what}", names[:2])
         for what, names in (
             ("trainable weights it lacks", sorted(trained_here - set(saved))),
             ("weights this run does not train", sorted(set(saved) - trained_here)),
-            ("weights of another shape", sorted(n for n in set(saved) & trained_here if saved[n].shape != params[n].shape)),
+            ("weights of another shape", reshaped),
         )
         if names
     ]

@@ -42,7 +42,8 @@ def check_train_config(cfg) -> None:
         if _get(cfg, key) not in allowed:
             problems.append(f"{key}={_get(cfg, key)!r}: use one of {', '.join(allowed)}")
     positive = [
-        "trainer.max_steps", "trainer.gradient_accumulation_steps", "trainer.log_every", "data.batch_size", "optimizer.lr"
+        "trainer.max_steps", "trainer.gradient_accumulation_steps", "trainer.log_every", "data.batch_size",
+        "optimizer.lr",
     ]
     if cfg.trainer.mode == "lora":
         positive += ["lora.rank", "lora.alpha"]

@@ -43,7 +43,8 @@ def test_a_checkpoint_restores_the_trained_weights(tmp_path):
     fresh = model_training(("0.weight",))
     state = resume_into(accelerator, path, fresh)
     assert state["step"] == 3 and state["epoch"] == 0
-    assert torch.equal(fresh[0].weight, trained[0].weight) and not torch.equal(fresh[0].weight, model_training(())[0].weight)
+    untrained = model_training(())
+    assert torch.equal(fresh[0].weight, trained[0].weight) and not torch.equal(fresh[0].weight, untrained[0].weight)
 
 
 @pytest.mark.parametrize(
@@ -56,7 +57,8 @@ def test_a_checkpoint_restores_the_trained_weights(tmp_path):
 )
 def test_resuming_with_other_trainable_weights_names_them(tmp_path, names, width, message):
     accelerator, _, path = saved_run(tmp_path)
-    with pytest.raises(UserInputError, match=r"does not hold this run's trainable weights: .*" + re.escape(message)) as error:
+    expected = r"does not hold this run's trainable weights: .*" + re.escape(message)
+    with pytest.raises(UserInputError, match=expected) as error:
         resume_into(accelerator, path, model_training(names, width))
     assert "Resume with the settings the run started with" in str(error.value)
 
