@@ -168,7 +168,7 @@ def test_the_offload_config_encodes_trains_and_its_checkpoint_refuses_a_plain_re
         config="deepspeed_zero3_offload", processes=2)
     assert len(losses(tmp_path)) == 2
     plain = run_script(*launcher(None), "+experiment=demo", *FAST, f"model.path={demo_model_dir}",
-                       f"data.dataset={two_clips}",
+                       f"data.dataset={two_clips}", "data.batch_size=1",  # 2 clips, 2 processes: 1 each
                        f"output_dir={tmp_path}", "trainer.max_steps=4", "resume=latest")
     assert plain.returncode != 0 and "written by DeepSpeed; this run uses neither DeepSpeed nor FSDP" in plain.stderr
 
