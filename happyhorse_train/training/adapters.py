@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import peft
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
 
 from happyhorse_train.errors import UserInputError
 
+# peft is imported inside the functions that use it: config_checks reads LORA_INIT before any model loads, and
+# importing peft takes ~3 s, which a config error would otherwise wait for.
 LORA_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
 
 
@@ -19,6 +19,8 @@ def make_trainable(
     Returns the LoraConfig (None for a full fine-tune). Trained weights stay float32 in both modes: the
     optimizer updates them in full precision and autocast runs the matmuls in the compute dtype.
     """
+    import peft
+
     transformer.requires_grad_(False)
     if mode == "full":
         transformer.to(torch.float32).requires_grad_(True)
@@ -46,6 +48,8 @@ def make_trainable(
 def skip_lora_input_casts(model: torch.nn.Module) -> None:
     """peft casts each LoRA input to the adapter's float32; autocast casts it straight back for the matmul.
     Skipping the cast saves a float32 copy of every adapted layer's input, with the same result."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
             module.cast_input_dtype_enabled = False

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from diffusers.optimization import get_scheduler
 
 OPTIMIZERS = ("adamw", "adamw8bit")  # torch's, bitsandbytes' 8-bit states
 
@@ -24,6 +23,8 @@ SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "
 
 
 def build_lr_schedule(optimizer: torch.optim.Optimizer, cfg, max_steps: int):
+    from diffusers.optimization import get_scheduler  # (here: config_checks reads SCHEDULES, and fails fast)
+
     return get_scheduler(
         SCHEDULES[cfg.scheduler], optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=max_steps
     )
