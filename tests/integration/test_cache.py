@@ -52,13 +52,18 @@ def cache_contents(folder) -> dict[str, dict[str, torch.Tensor]]:
     return {key: {field: t.clone() for field, t in cache.get(key).items()} for key in sorted(cache.keys())}
 
 
-def assert_same_cache(a, b):
+def assert_same_cache(a, b, exact: bool = True):
+    """Same keys, fields and shapes; the same values bitwise when `exact`, else within float32 rounding."""
     contents_a, contents_b = cache_contents(a), cache_contents(b)
     assert contents_a.keys() == contents_b.keys() and contents_a
     for key in contents_a:
         assert contents_a[key].keys() == contents_b[key].keys()
         for field in contents_a[key]:
-            assert torch.equal(contents_a[key][field], contents_b[key][field]), (key, field)
+            got, expected = contents_a[key][field], contents_b[key][field]
+            if exact:
+                assert torch.equal(got, expected), (key, field)
+            else:
+                torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=f"{key} {field}")
 
 
 def test_second_run_encodes_nothing_and_a_new_video_only_its_clip(tmp_path, encoder):
@@ -165,4 +170,6 @@ def test_two_processes_split_the_work_under_accelerate_launch(tmp_path, demo_mod
     assert "rank 0: encoded 3 clips" in launch.stdout and "rank 1: encoded 3 clips" in launch.stdout
     single = run_script("data_tools/cache_latents.py", *args, "--cache", str(tmp_path / "one"))
     assert single.returncode == 0, single.stderr
-    assert_same_cache(tmp_path / "two", tmp_path / "one")
+    # accelerate launch gives each worker one intra-op thread and the single process has two: the matmul
+    # reductions run in another order, so the encodings agree to float32 rounding (4.9e-7 seen), not bitwise.
+    assert_same_cache(tmp_path / "two", tmp_path / "one", exact=False)
