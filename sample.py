@@ -14,11 +14,11 @@ from omegaconf import DictConfig
 
 from happyhorse_train.config import register_configs
 from happyhorse_train.errors import UserInputError, report_user_errors
-from happyhorse_train.evaluation.videos import render_prompts, save_videos
-from happyhorse_train.memory.inference import load_inference_pipeline
+from happyhorse_train.models.backbones import get_spec
 from happyhorse_train.models.geometry import video_latent_shape
 from happyhorse_train.models.lora_formats import apply_loras
-from happyhorse_train.models.spec import get_spec
+from happyhorse_train.rendering.sample_pipeline import load_inference_pipeline
+from happyhorse_train.rendering.videos import render_prompts, save_videos
 from happyhorse_train.runtime import resolve_device, resolve_dtype
 
 register_configs()

@@ -26,11 +26,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import (  # noqa: E402  (the training benchmark's setup and measuring helpers)
-    _free, _peak_bytes, _reset_peak, baseline_kernels, build_transformer, compute_dtype_for, latent_shape,
-    load_preset, parse_size, time_steps,
+    _free,
+    _peak_bytes,
+    _reset_peak,
+    baseline_kernels,
+    build_transformer,
+    compute_dtype_for,
+    latent_shape,
+    load_preset,
+    parse_size,
+    time_steps,
 )
 
-from happyhorse_train.memory.checkpointing import compile_blocks  # noqa: E402
+from happyhorse_train.memory.recompute import compile_blocks  # noqa: E402
 
 
 def inputs(preset, shape, text_tokens, uncond_tokens, device, dtype, seed=0):
@@ -109,10 +117,12 @@ def main(argv=None) -> dict:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "dtype": str(dtype),
         "text_tokens": text_tokens, "uncond_tokens": args.uncond_tokens, "compile": args.compile,
         **{name: {k: v for k, v in r.items() if k != "output"} for name, r in results.items()},
-        "forward_ratio_baseline_over_toolkit": results["baseline_forward"]["median_s"] / results["toolkit_forward"]["median_s"],
+        "forward_ratio_baseline_over_toolkit":
+            results["baseline_forward"]["median_s"] / results["toolkit_forward"]["median_s"],
         "guided_ratio_baseline_over_toolkit":
             results["baseline_guided_step"]["median_s"] / results["toolkit_guided_step"]["median_s"],
-        "forward_output_max_rel_diff": max_rel(results["toolkit_forward"]["output"], results["baseline_forward"]["output"]),
+        "forward_output_max_rel_diff":
+            max_rel(results["toolkit_forward"]["output"], results["baseline_forward"]["output"]),
         "guided_output_max_rel_diff":
             max_rel(results["toolkit_guided_step"]["output"], results["baseline_guided_step"]["output"]),
     }

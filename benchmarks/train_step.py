@@ -5,7 +5,7 @@
 
 (a) toolkit: a random transformer of the preset, `make_trainable` as train.py calls it (fp32 LoRA over a frozen
     compute-dtype base), fused projections (models/fused_linear.py), gradient checkpointing, AdamW from
-    `build_optimizer`, the toolkit's `flow_matching_loss`.
+    `build_optimizer`, the toolkit's `batch_loss`.
 (b) baseline: the same random weights, a plain peft LoRA (same rank, alpha, targets), one matmul per layer and
     per LoRA branch, gradient checkpointing, fp32 adapters, torch.autocast(bf16) on CUDA (fp32 on CPU), inline
     MSE flow-matching loss, torch AdamW.
@@ -37,25 +37,29 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from happyhorse_train.memory.offload import BlockSwap, repeated_blocks  # noqa: E402
+from happyhorse_train.memory.quantize import (  # noqa: E402
+    BASE_WEIGHT_FORMATS,
+    mark_quantized,
+    quantizable_linear_names,
+    quantize_linear,
+)
+from happyhorse_train.memory.recompute import checkpointing_function, compile_blocks  # noqa: E402
+from happyhorse_train.memory.streamed_load import peak_host_ram_bytes  # noqa: E402
 from happyhorse_train.models import attention as attention_hook  # noqa: E402
+from happyhorse_train.models.backbones import get_spec  # noqa: E402
 from happyhorse_train.models.fused_linear import unfused_linears  # noqa: E402
 from happyhorse_train.models.presets import CONFIG_DIR, load_preset  # noqa: E402
-from happyhorse_train.models.spec import get_spec  # noqa: E402
-from happyhorse_train.memory.planner import latent_shape, parse_size  # noqa: E402  (the planner's, checked)
-from happyhorse_train.memory.checkpointing import checkpointing_function, compile_blocks  # noqa: E402
-from happyhorse_train.memory.offload import BlockSwap, repeated_blocks  # noqa: E402
-from happyhorse_train.memory.quantize import BASE_WEIGHT_FORMATS, mark_quantized, quantizable_linear_names, quantize_linear  # noqa: E402
-from happyhorse_train.memory.streamed_load import peak_host_ram_bytes  # noqa: E402
+from happyhorse_train.planner import latent_shape, parse_size  # noqa: E402  (the planner's, checked)
 from happyhorse_train.training.adapters import make_trainable, trainable_parameters  # noqa: E402
 from happyhorse_train.training.optim import build_optimizer  # noqa: E402
-from happyhorse_train.training.step import flow_matching_loss, sample_generator  # noqa: E402
-
+from happyhorse_train.training.step import StepContext, batch_loss, sample_generator  # noqa: E402
 
 # --- setup --------------------------------------------------------------------------------------------------
 
 def vae_config(preset: dict) -> SimpleNamespace:
     """The VAE config fields normalize_latents reads: the preset's, else AutoencoderKLWan's defaults (tiny's
-    random VAE is built with mean 0 / std 1, as demo/checkpoint.py does)."""
+    random VAE is built with mean 0 / std 1, as demo/random_model.py does)."""
     from diffusers import AutoencoderKLWan
 
     vae = preset.get("vae", {})
@@ -70,7 +74,7 @@ def vae_config(preset: dict) -> SimpleNamespace:
 
 
 def train_cfg(mode: str, rank: int, caption_dropout: float) -> SimpleNamespace:
-    """The parts of the training config flow_matching_loss, make_trainable and build_optimizer read (defaults)."""
+    """The parts of the training config batch_loss, make_trainable and build_optimizer read (defaults)."""
     flow = OmegaConf.load(CONFIG_DIR / "flow" / "default.yaml")
     lora = OmegaConf.load(CONFIG_DIR / "lora" / "default.yaml")
     lora.rank = rank
@@ -154,7 +158,8 @@ def setup_baseline(preset, mode, rank, device, seed=0):
 
 def plain_sdpa(query, key, value, attn_mask):
     """Attention as a user writes it: one SDPA call, torch's default kernel choice."""
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, enable_gqa=key.shape[1] != query.shape[1])
+    gqa = key.shape[1] != query.shape[1]
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, enable_gqa=gqa)
 
 
 attention_hook.register_attention_backend("benchmark-plain-sdpa", plain_sdpa)
@@ -184,7 +189,9 @@ def synthetic_batch(shape, text_tokens, text_dim, batch_size, seed=0):
 
 def toolkit_loss(model, spec, pipe, cfg, batch, generators, device):
     empty_text = torch.zeros(1, batch["text_states"].shape[-1])
-    return flow_matching_loss(batch, generators, cfg, spec, pipe, model, empty_text, device, compute_dtype_for(device))
+    context = StepContext(spec, pipe, model, device, compute_dtype_for(device), cfg.flow, cfg.data.caption_dropout,
+                          empty_text)
+    return batch_loss(batch, generators, context)
 
 
 def baseline_loss(model, x0, noise, sigma, text, device):
@@ -496,11 +503,13 @@ def print_table(r: dict) -> None:
           f"params {r['base_params']:,}  L={r['num_layers']} d={r['hidden_size']}")
     print(f"FLOPs/step {r['flops_per_step']:.3e}  measured matmul peak {r['matmul_peak_flops'] / 1e12:.3f} TFLOP/s"
           f"  floor {r['floor_step_s'] * 1e3:.2f} ms")
-    print(f"\n| {'step':<9} | {'median s':>10} | {'min s':>10} | {'tok/s':>12} | {'MFU':>7} | {'peak GiB':>9} | {'trainable':>12} |")
+    print(f"\n| {'step':<9} | {'median s':>10} | {'min s':>10} | {'tok/s':>12} | {'MFU':>7} | {'peak GiB':>9} "
+          f"| {'trainable':>12} |")
     print(f"|{'-' * 11}|{'-' * 12}|{'-' * 12}|{'-' * 14}|{'-' * 9}|{'-' * 11}|{'-' * 14}|")
     for name in ("toolkit", "baseline"):
         x = r[name]
-        print(f"| {name:<9} | {x['median_step_s']:>10.4f} | {min(x['step_times_s']):>10.4f} | {x['tokens_per_s']:>12,.0f}"
+        print(f"| {name:<9} | {x['median_step_s']:>10.4f} | {min(x['step_times_s']):>10.4f} "
+              f"| {x['tokens_per_s']:>12,.0f}"
               f" | {x['mfu'] * 100:>6.2f}% | {x['peak_memory_gib']:>9.3f} | {x['trainable_params']:>12,} |")
     print(f"\nbaseline / toolkit step time: {r['ratio_baseline_over_toolkit']:.3f}   (peak memory: {mem})")
     n = r["numerics"]

@@ -30,10 +30,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
-    from happyhorse_train.data.cache import LatentCache
-    from happyhorse_train.data.caching import fill_cache
+    from happyhorse_train.data.cache_fill import fill_cache
+    from happyhorse_train.data.latent_cache import LatentCache
     from happyhorse_train.data.prepare import load_manifest
-    from happyhorse_train.models.spec import spec_for_folder
+    from happyhorse_train.models.backbones import spec_for_folder
     from happyhorse_train.runtime import distributed_state, resolve_dtype
 
     state = distributed_state()
@@ -50,9 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     state.wait_for_everyone()
     cache.refresh()
 
-    stats = fill_cache(
-        manifest, cache, encoder, state.process_index, state.num_processes, args.shard_size, progress=not args.no_progress
-    )
+    stats = fill_cache(manifest, cache, encoder, state.process_index, state.num_processes, args.shard_size,
+                       progress=not args.no_progress)
     print(
         f"rank {state.process_index}: encoded {stats.videos_encoded} clips and {stats.texts_encoded} captions "
         f"in {stats.seconds:.1f} s; {len(stats.failed)} failed"
@@ -62,7 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     state.wait_for_everyone()
     if state.is_main_process:
         cache.refresh(write_index=True)
-        print(f"cache {cache.folder}: {len(cache)} entries ({stats.videos_needed} clips, {stats.texts_needed} captions needed)")
+        print(f"cache {cache.folder}: {len(cache)} entries "
+              f"({stats.videos_needed} clips, {stats.texts_needed} captions needed)")
 
 
 if __name__ == "__main__":

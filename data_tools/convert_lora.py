@@ -31,7 +31,9 @@ def _backbone(header: dict, given: str | None) -> str:
 @report_user_errors
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", type=Path, help="a LoRA .safetensors file (or a folder holding pytorch_lora_weights.safetensors)")
+    parser.add_argument(
+        "source", type=Path, help="a LoRA .safetensors file (or a folder holding pytorch_lora_weights.safetensors)"
+    )
     parser.add_argument("output", type=Path, help="the file to write (a folder: the layout's usual file name in it)")
     parser.add_argument("--to", choices=["comfyui", "diffusers"], required=True, help="the layout to write")
     parser.add_argument("--backbone", choices=["happyhorse", "wan"], help="default: read from the file")
@@ -42,8 +44,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from happyhorse_train.files import write_atomic
     from happyhorse_train.models import lora_formats as formats
+    from happyhorse_train.models.backbones import get_spec
     from happyhorse_train.models.happyhorse.lora import resolve_lora_file
-    from happyhorse_train.models.spec import COMFYUI_WEIGHT_NAME, LORA_WEIGHT_NAME, get_spec
 
     source = resolve_lora_file(args.source)
     tensors = load_file(source)
@@ -58,17 +60,20 @@ def main(argv: list[str] | None = None) -> None:
         alpha = formats.unpack_adapter_metadata(header).get("lora_alpha")
         if alpha is None:
             raise UserInputError(f"{source} has no lora_alpha in its header; cannot write ComfyUI's alpha keys")
-        converted, out_header, name = formats.diffusers_to_comfyui(tensors, alpha, spec.comfyui_renames), kept, COMFYUI_WEIGHT_NAME
+        converted = formats.diffusers_to_comfyui(tensors, alpha, spec.comfyui_renames)
+        out_header, name = kept, formats.COMFYUI_WEIGHT_NAME
     else:
         converted, alpha = formats.comfyui_to_diffusers(tensors, spec.comfyui_renames)
         modules = sorted({key.removeprefix(formats.DIFFUSERS_PREFIX).rsplit(".lora_", 1)[0] for key in converted})
         rank = next(t.shape[0] for k, t in converted.items() if k.endswith("lora_A.weight"))
         metadata = formats.pack_adapter_metadata(formats.adapter_metadata(rank, alpha, modules))
-        out_header, name = {**kept, "lora_adapter_metadata": metadata}, LORA_WEIGHT_NAME
+        out_header, name = {**kept, "lora_adapter_metadata": metadata}, formats.LORA_WEIGHT_NAME
     output = args.output / name if args.output.suffix != ".safetensors" else args.output
     output.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(output, lambda temporary: save_file(converted, str(temporary), metadata={"format": "pt", **out_header}))
-    print(f"wrote {output} ({args.to} layout, {sum(k.endswith(('lora_A.weight', 'lora_down.weight')) for k in converted)} layers)")
+    out_header = {"format": "pt", **out_header}
+    write_atomic(output, lambda temporary: save_file(converted, str(temporary), metadata=out_header))
+    layers = sum(k.endswith(("lora_A.weight", "lora_down.weight")) for k in converted)
+    print(f"wrote {output} ({args.to} layout, {layers} layers)")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Write the demo: a random checkpoint of a preset (tiny HappyHorse by default, diffusers layout) and a few synthetic captioned clips.
+"""Write the demo: a random checkpoint of a preset (tiny HappyHorse by default, diffusers layout) and a few
+synthetic captioned clips.
 
     python data_tools/make_demo.py                 # -> demo/model and demo/clips
     python data_tools/make_demo.py --out /tmp/demo --preset tiny --seed 0
@@ -12,8 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from happyhorse_train.demo.checkpoint import write_random_checkpoint  # noqa: E402
 from happyhorse_train.demo.clips import write_demo_clips  # noqa: E402
+from happyhorse_train.demo.random_model import write_random_model  # noqa: E402
 from happyhorse_train.errors import report_user_errors  # noqa: E402
 
 
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-clips", action="store_true", help="write only the checkpoint")
     args = parser.parse_args(argv)
 
-    model_dir = write_random_checkpoint(args.out / "model", args.preset, args.seed)
+    model_dir = write_random_model(args.out / "model", args.preset, args.seed)
     print(f"wrote a random {args.preset} checkpoint to {model_dir}")
     if not args.skip_clips:
         clips = write_demo_clips(args.out / "clips")

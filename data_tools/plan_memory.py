@@ -7,7 +7,7 @@ Prints a table of candidate settings (frozen-base format, gradient checkpointing
 swap, optimizer, and for several GPUs the accelerate config) with the estimated peak GPU memory, peak host
 RAM and step time of each, then the fastest that fits with the overrides to paste. Parameter bytes and
 activation bytes are measured on the meta device (no memory, a few seconds); bandwidths and kernel rates are
-stated assumptions (happyhorse_train/memory/planner/assumptions.py). Exit status: 0 with a pick, 1 when nothing fits,
+stated assumptions (happyhorse_train/planner/assumptions.py). Exit status: 0 with a pick, 1 when nothing fits,
 2 for a bad argument.
 """
 
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
     args = parser.parse_args(argv)
 
-    from happyhorse_train.memory import planner
+    from happyhorse_train import planner
 
     width, height, frames = planner.parse_size(args.size)
     speeds = {k: v for k, v in (("tflops", args.tflops), ("pcie_gbps", args.pcie_gbps)) if v is not None}

@@ -39,9 +39,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-windows", type=int, default=3, help="uniform: windows per video (default 3)")
     parser.add_argument("--stride", type=int, default=0, help="sliding: frames between starts (default: clip length)")
     parser.add_argument(
-        "--bucket", type=parse_bucket, action="append", help="FRAMESxHEIGHTxWIDTH, repeatable (default 121x480x720 and 121x720x480)"
+        "--bucket",
+        type=parse_bucket,
+        action="append",
+        help="FRAMESxHEIGHTxWIDTH, repeatable (default 121x480x720 and 121x720x480)",
     )
-    parser.add_argument("--missing-caption", choices=["drop", "empty"], default="drop", help="no caption: drop the file or train it with an empty caption")
+    parser.add_argument(
+        "--missing-caption",
+        choices=["drop", "empty"],
+        default="drop",
+        help="no caption: drop the file or train it with an empty caption",
+    )
     parser.add_argument("--workers", type=int, default=0, help="decoding processes (default: up to 8)")
     args = parser.parse_args(argv)
 
@@ -60,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     result = prepare_clips(args.source, rules, num_workers=args.workers)
     write_dataset_folder(result, args.source.resolve(), args.output, rules)
     kept = len({row["source"] for row in result.rows})
-    print(f"{len(result.rows)} clips from {kept} files; {len(result.dropped)} dropped (see {args.output / 'report.txt'})")
+    report = args.output / "report.txt"
+    print(f"{len(result.rows)} clips from {kept} files; {len(result.dropped)} dropped (see {report})")
     print(f"wrote {args.output / 'manifest.parquet'}")
 
 

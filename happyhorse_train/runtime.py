@@ -34,20 +34,3 @@ def distributed_state():
     from accelerate import PartialState
 
     return PartialState(cpu=not torch.cuda.is_available())
-
-
-def accelerator_options() -> dict:
-    """Keyword arguments for `Accelerator(...)` that make CPU-only runs work under every launcher.
-
-    Without CUDA, accelerate needs `cpu=True` for multi-process runs, but `cpu=True` also switches DeepSpeed
-    off; so under DeepSpeed it gets the gloo backend instead (DeepSpeed then runs on its CPU accelerator).
-    """
-    import os
-
-    from accelerate.utils import InitProcessGroupKwargs
-
-    if torch.cuda.is_available():
-        return {}
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        return {"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
-    return {"cpu": True}

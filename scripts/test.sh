@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Set up, then run the test suite. Extra arguments go to pytest (e.g. scripts/test.sh tests/unit -x).
+# Set up, lint, then run the test suite. Extra arguments go to pytest (e.g. scripts/test.sh tests/unit -x).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
+# Lint (rules pinned in pyproject.toml, ruff pinned in its dev extra): a lint error fails the run, as a test does.
+ruff check .
 # DeepSpeed compiles its CPU shared-memory collectives the first time a process on a CPU uses them (~30 s on two
 # cores, again whenever the venv moves). Build them here, once, not inside whichever scale-out test runs first.
 python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" > /dev/null 2>&1 \

@@ -14,16 +14,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def demo_model_dir(tmp_path_factory) -> Path:
-    from happyhorse_train.demo.checkpoint import write_random_checkpoint
+    from happyhorse_train.demo.random_model import write_random_model
 
-    return write_random_checkpoint(tmp_path_factory.mktemp("demo") / "model", "tiny", seed=0)
+    return write_random_model(tmp_path_factory.mktemp("demo") / "model", "tiny", seed=0)
 
 
 @pytest.fixture(scope="session")
 def wan_model_dir(tmp_path_factory) -> Path:
-    from happyhorse_train.demo.checkpoint import write_random_checkpoint
+    from happyhorse_train.demo.random_model import write_random_model
 
-    return write_random_checkpoint(tmp_path_factory.mktemp("wan") / "model", "wan-tiny", seed=0)
+    return write_random_model(tmp_path_factory.mktemp("wan") / "model", "wan-tiny", seed=0)
 
 
 def run_script(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:

@@ -22,9 +22,13 @@ def frame_pattern(index: int, width: int, height: int, level: int = 0) -> np.nda
     return frame
 
 
-def write_video(path: Path, num_frames: int, fps: float, width: int = 96, height: int = 64, caption: str | None = "a bar") -> Path:
+def write_video(
+    path: Path, num_frames: int, fps: float, width: int = 96, height: int = 64, caption: str | None = "a bar"
+) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with imageio.get_writer(path, fps=fps, codec="libx264", macro_block_size=2, quality=8, ffmpeg_log_level="error") as writer:
+    with imageio.get_writer(
+        path, fps=fps, codec="libx264", macro_block_size=2, quality=8, ffmpeg_log_level="error"
+    ) as writer:
         name_hash = zlib.crc32(path.name.encode())
         for index in range(num_frames):
             writer.append_data(frame_pattern(name_hash % 97 + index, width, height, level=name_hash // 97 % 160))

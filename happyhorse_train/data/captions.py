@@ -15,7 +15,9 @@ def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8").strip()
     except UnicodeDecodeError as error:
-        raise CaptionError(f"caption file {path.name} is not UTF-8 text ({error.reason} at byte {error.start})") from error
+        raise CaptionError(
+            f"caption file {path.name} is not UTF-8 text ({error.reason} at byte {error.start})"
+        ) from error
     except OSError as error:
         raise CaptionError(f"caption file {path.name} cannot be read ({error.strerror})") from error
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from happyhorse_train.data.cache import LatentCache, text_entry_key, video_entry_key
+from happyhorse_train.data.latent_cache import LatentCache, text_entry_key, video_entry_key
 
 
 class CachedClipDataset(Dataset):

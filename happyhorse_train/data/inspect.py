@@ -30,8 +30,6 @@ _KIND_PATTERNS = [
 
 
 # ---------------------------------------------------------------------------------------------- loading
-
-
 def load_dataset_folder(folder: str | Path) -> tuple[list[dict], dict]:
     """The manifest rows (only the columns the report needs) and report.json of a clip dataset folder.
 
@@ -72,8 +70,6 @@ def load_dataset_folder(folder: str | Path) -> tuple[list[dict], dict]:
 
 
 # ---------------------------------------------------------------------------------------------- counting
-
-
 def bucket_sort_key(bucket: str) -> tuple:
     """'17x64x96' sorts as (17, 64, 96); anything else after those, by text."""
     try:
@@ -142,8 +138,6 @@ def summarize(rows: list[dict], report: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- text
-
-
 def file_name(source: str) -> str:
     return Path(source).name or source
 
@@ -180,15 +174,13 @@ def format_table(headers: list[str], rows: list[list[object]], align: str | None
     align = align or "l" * len(headers)
     widths = [max([len(headers[i])] + [len(row[i]) for row in cells]) for i in range(len(headers))]
 
+    def cell(i: int, value: str, last: bool) -> str:
+        if align[i] == "r":
+            return value.rjust(widths[i])
+        return value if last else value.ljust(widths[i])
+
     def line(values: list[str]) -> str:
-        parts = []
-        for i, value in enumerate(values):
-            last = i == len(values) - 1
-            if align[i] == "r":
-                parts.append(value.rjust(widths[i]))
-            else:
-                parts.append(value if last else value.ljust(widths[i]))
-        return "  ".join(parts).rstrip()
+        return "  ".join(cell(i, value, i == len(values) - 1) for i, value in enumerate(values)).rstrip()
 
     return [line(headers), line(["-" * w for w in widths])] + [line(row) for row in cells]
 
@@ -222,52 +214,12 @@ def render_report(rows: list[dict], report: dict, folder: str | Path | None = No
         lines += ["", f"no clips: {MANIFEST_FILE} is missing, every file was dropped (reasons below)"]
     else:
         buckets = bucket_histogram(rows)
-        largest = buckets[0][1]
         lines += _section(f"buckets (frames x height x width): {len(buckets)} used")
-        lines += format_table(
-            ["bucket", "clips", "share", ""],
-            [[b, n, f"{100 * n / len(rows):.1f}%", text_bar(n, largest)] for b, n in buckets],
-            "lrrl",
-        )
-
-        frames = frame_histogram(rows)
-        largest = max(n for _, n in frames)
+        lines += _share_table("bucket", buckets, len(rows), "lrrl")
         lines += _section("frames per clip")
-        lines += format_table(
-            ["frames", "clips", "share", ""],
-            [[f, n, f"{100 * n / len(rows):.1f}%", text_bar(n, largest)] for f, n in frames],
-            "rrrl",
-        )
-
-        sources = clips_per_source(rows)
-        most, fewest = sources[0][1], sources[-1][1]
-        shown = sources[:TOP_SOURCES]
-        lines += _section(f"clips per source file: {len(sources)} source(s), top {len(shown)}")
-
-        def flag(count: int) -> str:
-            if most == fewest:
-                return ""
-            return "max" if count == most else ("min" if count == fewest else "")
-
-        table = [[shorten(file_name(s), 70), n, flag(n)] for s, n in shown]
-        lines += format_table(["file", "clips", "flag"], table, "lrl")
-        if most == fewest:
-            lines.append(f"every source gives {most} clip(s)")
-        else:
-            at_most = [file_name(s) for s, n in sources if n == most]
-            at_fewest = [file_name(s) for s, n in sources if n == fewest]
-            lines.append(f"max {most} clip(s): {_name_list(at_most, 3, 80)}")
-            lines.append(f"min {fewest} clip(s): {_name_list(at_fewest, 3, 80)}")
-
-        count, empty_sources = missing_captions(rows)
-        origin = f" from {len(empty_sources)} source file(s)" if count else ""
-        lines += _section(f"missing captions: {count} clip(s){origin}")
-        if count:
-            lines += [f"  {shorten(file_name(s), LINE_WIDTH - 2)}" for s in empty_sources[:MISSING_CAPTION_EXAMPLES]]
-            if len(empty_sources) > MISSING_CAPTION_EXAMPLES:
-                lines.append(f"  ... and {len(empty_sources) - MISSING_CAPTION_EXAMPLES} more source file(s)")
-        else:
-            lines.append("every clip has a caption")
+        lines += _share_table("frames", frame_histogram(rows), len(rows), "rrrl")
+        lines += _source_lines(rows)
+        lines += _caption_lines(rows)
 
     dropped = report.get("dropped") or []
     groups = group_dropped(dropped)
@@ -290,6 +242,40 @@ def render_report(rows: list[dict], report: dict, folder: str | Path | None = No
     return "\n".join(lines) + "\n"
 
 
+def _share_table(what: str, histogram: list[tuple[object, int]], clips: int, align: str) -> list[str]:
+    """(value, clips) pairs as a table with each one's share of all clips and a bar."""
+    largest = max(n for _, n in histogram)
+    table = [[value, n, f"{100 * n / clips:.1f}%", text_bar(n, largest)] for value, n in histogram]
+    return format_table([what, "clips", "share", ""], table, align)
+
+
+def _source_lines(rows: list[dict]) -> list[str]:
+    sources = clips_per_source(rows)
+    most, fewest = sources[0][1], sources[-1][1]
+    shown = sources[:TOP_SOURCES]
+    lines = _section(f"clips per source file: {len(sources)} source(s), top {len(shown)}")
+    flags = {} if most == fewest else {most: "max", fewest: "min"}
+    table = [[shorten(file_name(s), 70), n, flags.get(n, "")] for s, n in shown]
+    lines += format_table(["file", "clips", "flag"], table, "lrl")
+    if most == fewest:
+        return [*lines, f"every source gives {most} clip(s)"]
+    for flag, count in (("max", most), ("min", fewest)):
+        lines.append(f"{flag} {count} clip(s): {_name_list([file_name(s) for s, n in sources if n == count], 3, 80)}")
+    return lines
+
+
+def _caption_lines(rows: list[dict]) -> list[str]:
+    count, empty_sources = missing_captions(rows)
+    origin = f" from {len(empty_sources)} source file(s)" if count else ""
+    lines = _section(f"missing captions: {count} clip(s){origin}")
+    if not count:
+        return [*lines, "every clip has a caption"]
+    lines += [f"  {shorten(file_name(s), LINE_WIDTH - 2)}" for s in empty_sources[:MISSING_CAPTION_EXAMPLES]]
+    if len(empty_sources) > MISSING_CAPTION_EXAMPLES:
+        lines.append(f"  ... and {len(empty_sources) - MISSING_CAPTION_EXAMPLES} more source file(s)")
+    return lines
+
+
 def _name_list(names: list[str], limit: int, width: int) -> str:
     """Up to `limit` whole names, as many as fit in `width` characters with a '+N more' for the rest."""
     shown: list[str] = []
@@ -310,8 +296,6 @@ def _cut(text: str, width: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- plot
-
-
 def write_plot(rows: list[dict], report: dict, path: str | Path, title: str | None = None) -> Path:
     """One PNG with four panels: buckets, frames per clip, clips per source, drops by reason.
 
@@ -374,11 +358,9 @@ def write_plot(rows: list[dict], report: dict, path: str | Path, title: str | No
         _empty_panel(ax_dropped, "dropped files by reason", "nothing dropped")
 
     summary = summarize(rows, report)
-    counts = (
-        f"{summary['clips']} clips from {summary['files_kept']} of {summary['files_seen']} files, "
-        f"{summary['files_dropped']} dropped; {summary['frames']} training frames, "
-        f"{format_duration(summary['seconds'])}"
-    )
+    counts = (f"{summary['clips']} clips from {summary['files_kept']} of {summary['files_seen']} files, "
+              f"{summary['files_dropped']} dropped; {summary['frames']} training frames, "
+              f"{format_duration(summary['seconds'])}")
     fig.suptitle((f"{shorten(title, 110)}\n" if title else "") + counts, fontsize=12)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -397,10 +379,8 @@ def _label(ax, bars, axis: str = "y") -> None:
 
 def _category_ticks(ax, labels: list[str], crowded: int) -> None:
     """One tick per bar; upright while they fit, then turned, then turned and smaller."""
-    if len(labels) <= crowded:
-        ax.set_xticks(range(len(labels)), labels)
-    else:
-        ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=8 if len(labels) > 2 * crowded else 9)
+    turned = {} if len(labels) <= crowded else {"rotation": 90, "fontsize": 8 if len(labels) > 2 * crowded else 9}
+    ax.set_xticks(range(len(labels)), labels, **turned)
 
 
 def _empty_panel(ax, title: str, message: str) -> None:

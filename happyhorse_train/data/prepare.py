@@ -55,7 +55,8 @@ def clips_of_file(path: Path, caption: str, rules: ClipRules) -> tuple[list[dict
         return [], str(error)
     content = file_digest(path)
     if info.is_still:
-        bucket, clip_frames, starts, span = nearest_bucket(info.width, info.height, rules.buckets, still=True), 1, [0], 1
+        bucket = nearest_bucket(info.width, info.height, rules.buckets, still=True)
+        clip_frames, starts, span = 1, [0], 1
     else:
         plan = plan_clips(info.num_frames, info.fps, info.width, info.height, rules)
         if isinstance(plan, str):

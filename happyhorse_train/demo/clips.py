@@ -27,7 +27,8 @@ class ClipRecipe:
 
     @property
     def caption(self) -> str:
-        motion = {"left_to_right": "moving left to right", "top_to_bottom": "moving top to bottom", "orbit": "orbiting the centre"}
+        motion = {"left_to_right": "moving left to right", "top_to_bottom": "moving top to bottom",
+                  "orbit": "orbiting the centre"}
         return f"a {self.colour} {self.shape} {motion[self.motion]} on a dark background"
 
 

@@ -29,6 +29,7 @@ from happyhorse_train.memory.quantize import (
     quantizable_linear_names,
     quantized_linear_from_weights,
 )
+from happyhorse_train.models.layout import check_model_folder
 
 logger = logging.getLogger(__name__)
 
@@ -266,3 +267,26 @@ def _finish(model: nn.Module, folder: Path, device: torch.device) -> None:
                 module._buffers[leaf] = buffer.to(device)
     model.requires_grad_(False)
     model.eval()
+
+
+def base_transformer(
+    spec, path, base_weights: str, device, dtype, log=print, deferred: bool = False
+) -> nn.Module | None:
+    """The transformer to hand to spec.load_pipeline(transformer=...): None for base_weights="bf16" (the
+    pipeline loads it itself); otherwise quantized, streamed onto `device` now, or with `deferred=True` a
+    weightless meta-device model (its config readable) that `place_transformer` fills in later."""
+    if base_weights == "bf16":
+        return None
+    folder = check_model_folder(path, spec.pipeline_class.__name__, spec.components) / "transformer"
+    if deferred:
+        return build_on_meta(spec.transformer_class, folder)
+    return load_quantized_transformer(spec.transformer_class, folder, base_weights, device, dtype, log=log)
+
+
+def place_transformer(pipe, spec, path, base_weights: str, device, dtype, log=print) -> None:
+    """After load_pipeline(..., transformer_to_device=False): the transformer onto `device` (moved from host RAM,
+    or, if quantized, streamed in now)."""
+    if base_weights == "bf16":
+        pipe.transformer.to(device)
+    else:
+        pipe.transformer = base_transformer(spec, path, base_weights, device, dtype, log)

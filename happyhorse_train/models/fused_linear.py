@@ -46,7 +46,7 @@ def unfused_linears():
 @contextlib.contextmanager
 def emulated_autocast(dtype: torch.dtype):
     """On a device without autocast (meta), cast as autocast to `dtype` would: for the memory planner, which
-    emulates autocast there (memory/planner/measure.py)."""
+    emulates autocast there (planner/measure.py)."""
     global _emulated_autocast
     previous, _emulated_autocast = _emulated_autocast, dtype
     try:

@@ -24,6 +24,9 @@ import torch
 from happyhorse_train.errors import UserInputError
 
 DIFFUSERS_PREFIX, COMFYUI_PREFIX = "transformer.", "diffusion_model."
+LORA_FORMATS = ("diffusers", "comfyui")  # what lora.save_formats may name
+LORA_WEIGHT_NAME, COMFYUI_WEIGHT_NAME = "pytorch_lora_weights.safetensors", "comfyui_lora.safetensors"
+StateDict = dict[str, torch.Tensor]
 Renames = list[tuple[str, str]]  # (diffusers module-path fragment, original fragment), whole path segments
 
 
@@ -34,7 +37,7 @@ def _rename(module: str, renames: Renames, reverse: bool = False) -> str:
     return module
 
 
-def diffusers_to_comfyui(state_dict: dict[str, torch.Tensor], alpha: float, renames: Renames) -> dict[str, torch.Tensor]:
+def diffusers_to_comfyui(state_dict: StateDict, alpha: float, renames: Renames) -> StateDict:
     converted = {}
     for key, tensor in state_dict.items():
         match = re.fullmatch(rf"{re.escape(DIFFUSERS_PREFIX)}(.+)\.(lora_A|lora_B)\.weight", key)
@@ -47,7 +50,7 @@ def diffusers_to_comfyui(state_dict: dict[str, torch.Tensor], alpha: float, rena
     return converted
 
 
-def comfyui_to_diffusers(state_dict: dict[str, torch.Tensor], renames: Renames) -> tuple[dict[str, torch.Tensor], float]:
+def comfyui_to_diffusers(state_dict: StateDict, renames: Renames) -> tuple[StateDict, float]:
     """The diffusers tensors and the one alpha they share (files with per-layer alphas are refused)."""
     converted, alphas = {}, set()
     for key, tensor in state_dict.items():
@@ -69,11 +72,13 @@ def comfyui_to_diffusers(state_dict: dict[str, torch.Tensor], renames: Renames) 
 
 
 def adapter_metadata(rank: int, alpha: float, target_modules: list[str]) -> dict:
-    return {"r": rank, "lora_alpha": alpha, "target_modules": sorted(target_modules), "use_dora": False, "lora_bias": False}
+    return {"r": rank, "lora_alpha": alpha, "target_modules": sorted(target_modules), "use_dora": False,
+            "lora_bias": False}
 
 
 def pack_adapter_metadata(metadata: dict) -> str:
-    return json.dumps({f"{DIFFUSERS_PREFIX}{key}": value for key, value in metadata.items()}, sort_keys=True, default=list)
+    prefixed = {f"{DIFFUSERS_PREFIX}{key}": value for key, value in metadata.items()}
+    return json.dumps(prefixed, sort_keys=True, default=list)
 
 
 def unpack_adapter_metadata(header: dict) -> dict:

@@ -1,6 +1,6 @@
 """The boundary between a backbone and the generic code: everything the trainer, cache, sample.py and
-validation need to know about a model, and nothing else. Each backbone implements one `ModelSpec`; no
-generic code branches on which backbone it has."""
+validation need to know about a model, and nothing else. Each backbone implements one `ModelSpec` (listed in
+backbones.py); no generic code branches on which backbone it has."""
 
 from __future__ import annotations
 
@@ -11,21 +11,18 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from happyhorse_train.errors import UserInputError
 from happyhorse_train.files import write_atomic
 from happyhorse_train.models.latent_space import normalize_latents
 from happyhorse_train.models.layout import check_model_folder
 from happyhorse_train.models.lora_formats import (
+    COMFYUI_WEIGHT_NAME,
     DIFFUSERS_PREFIX,
+    LORA_WEIGHT_NAME,
     Renames,
     check_lora_matches,
     diffusers_to_comfyui,
     pack_adapter_metadata,
 )
-
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-COMFYUI_WEIGHT_NAME = "comfyui_lora.safetensors"
-LORA_FORMATS = ("diffusers", "comfyui")
 
 
 class ModelSpec(ABC):
@@ -44,33 +41,18 @@ class ModelSpec(ABC):
         self.max_sequence_length = max_sequence_length  # prompt tokens, as the pipeline encodes them
 
     def load_pipeline(
-        self,
-        path: str | Path,
-        device: torch.device,
-        dtype: torch.dtype,
-        base_weights: str = "bf16",
-        log=print,
+        self, path: str | Path, device: torch.device, dtype: torch.dtype, transformer: torch.nn.Module | None = None,
         transformer_to_device: bool = True,
     ):
         """The inference pipeline users run, from a diffusers-layout folder; the VAE stays float32.
 
-        `base_weights` other than "bf16" (the compute dtype) loads the transformer's block weights quantized
-        and frozen, streamed tensor by tensor onto `device` (memory/streamed_load.py), never whole in host RAM.
-        With `transformer_to_device=False` the transformer stays off the GPU for the caller to place: an
-        unquantized one in host RAM, a quantized one as a weightless (meta) model whose config is readable
-        and whose weights `load_transformer` streams in later. The trainer caches latents first, and the 8B
-        transformer beside its text encoder (10.6 GiB) and the VAE's encode would overfill a 24 GB card.
+        A given `transformer` replaces the folder's (memory/streamed_load.py's quantized one, or a weightless
+        meta-device model for the caller to fill later). With `transformer_to_device=False` the transformer
+        stays where it is, for the caller to place: the trainer caches latents first, and the 8B transformer
+        beside its text encoder (10.6 GiB) and the VAE's encode would overfill a 24 GB card.
         """
         folder = check_model_folder(path, self.pipeline_class.__name__, self.components)
-        components = {}
-        if base_weights != "bf16":
-            from happyhorse_train.memory.streamed_load import build_on_meta
-
-            components["transformer"] = (
-                self.load_transformer(folder, device, dtype, base_weights, log)
-                if transformer_to_device
-                else build_on_meta(self.transformer_class, folder / "transformer")
-            )
+        components = {} if transformer is None else {"transformer": transformer}
         pipe = self.pipeline_class.from_pretrained(folder, dtype={"default": dtype, "vae": torch.float32}, **components)
         if transformer_to_device:
             return pipe.to(device)
@@ -79,28 +61,9 @@ class ModelSpec(ABC):
                 component.to(device)
         return pipe
 
-    def load_transformer(
-        self, path: str | Path, device: torch.device, dtype: torch.dtype, base_weights: str, log=print
-    ):
-        """The model folder's transformer alone, its block weights in `base_weights`, streamed onto `device`."""
-        from happyhorse_train.memory.streamed_load import load_quantized_transformer
-
-        folder = Path(path) / "transformer"
-        return load_quantized_transformer(self.transformer_class, folder, base_weights, device, dtype, log=log)
-
-    def place_transformer(
-        self, pipe, path: str | Path, device: torch.device, dtype: torch.dtype, base_weights: str, log=print
-    ) -> None:
-        """The other half of `load_pipeline(..., transformer_to_device=False)`: the transformer onto `device`
-        (moved from host RAM, or, if quantized, loaded now)."""
-        if base_weights == "bf16":
-            pipe.transformer.to(device)
-        else:
-            pipe.transformer = self.load_transformer(path, device, dtype, base_weights, log)
-
     @abstractmethod
     def clip_encoder(self, pipe, path: str | Path):
-        """A `happyhorse_train.data.caching.ClipEncoder` over the pipeline's VAE and text encoder."""
+        """A `happyhorse_train.data.cache_fill.ClipEncoder` over the pipeline's VAE and text encoder."""
 
     @abstractmethod
     def predict_velocity(
@@ -186,34 +149,3 @@ class ModelSpec(ABC):
         write_atomic(path, lambda temporary: save_file(tensors, str(temporary), metadata=header))
         return path
 
-
-_REGISTRY: dict[str, type[ModelSpec]] = {}
-
-
-def register_backbone(cls: type[ModelSpec]) -> type[ModelSpec]:
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def _register_all() -> None:
-    import happyhorse_train.models.happyhorse.spec  # noqa: F401  (each backbone registers itself)
-    import happyhorse_train.models.wan  # noqa: F401
-
-
-def get_spec(backbone: str, max_sequence_length: int = 512) -> ModelSpec:
-    _register_all()
-    if backbone not in _REGISTRY:
-        raise UserInputError(f"model.backbone={backbone!r} is unknown; use one of {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[backbone](max_sequence_length)
-
-
-def spec_for_folder(path: str | Path, max_sequence_length: int = 512) -> ModelSpec:
-    """The spec whose pipeline class a model folder's model_index.json names."""
-    _register_all()
-    index = Path(path) / "model_index.json"
-    class_name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
-    for spec_class in _REGISTRY.values():
-        if spec_class.pipeline_class.__name__ == class_name:
-            return spec_class(max_sequence_length)
-    known = ", ".join(c.pipeline_class.__name__ for c in _REGISTRY.values())
-    raise UserInputError(f"{path}: no backbone for a model folder of class {class_name!r} (known: {known})")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from diffusers import WanPipeline, WanTransformer3DModel
 
 from happyhorse_train.models.clip_encoder import VaeClipEncoder
-from happyhorse_train.models.spec import ModelSpec, register_backbone
+from happyhorse_train.models.spec import ModelSpec
 
 
 class WanClipEncoder(VaeClipEncoder):
@@ -31,7 +31,6 @@ class WanClipEncoder(VaeClipEncoder):
         return trimmed
 
 
-@register_backbone
 class WanSpec(ModelSpec):
     name = "wan"
     pipeline_class = WanPipeline
@@ -61,7 +60,8 @@ class WanSpec(ModelSpec):
         # WanPipeline feeds prompts zero-padded to max_sequence_length with no mask, and cross-attention
         # does attend to the zero rows: training must see exactly that, or inference drifts from it.
         text = text_states if text_mask is None else text_states * text_mask.unsqueeze(-1).to(text_states.dtype)
-        text = F.pad(text[:, : self.max_sequence_length], (0, 0, 0, self.max_sequence_length - min(text.shape[1], self.max_sequence_length)))
+        text = text[:, : self.max_sequence_length]
+        text = F.pad(text, (0, 0, 0, self.max_sequence_length - text.shape[1]))
         return transformer(
             hidden_states=noisy_latents, timestep=timesteps, encoder_hidden_states=text, return_dict=False
         )[0]

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from happyhorse_train.errors import UserInputError
+
+if TYPE_CHECKING:
+    import peft
 
 # peft is imported inside the functions that use it: config_checks reads LORA_INIT before any model loads, and
 # importing peft takes ~3 s, which a config error would otherwise wait for.

@@ -8,9 +8,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from happyhorse_train.combinations import combination_problems
 from happyhorse_train.config import validation_on
 from happyhorse_train.errors import UserInputError
-from happyhorse_train.memory.quantize import BASE_WEIGHT_FORMATS
 from happyhorse_train.training.adapters import LORA_INIT
 from happyhorse_train.training.flow_matching import LOSS_WEIGHTING, SIGMA_SAMPLING
 from happyhorse_train.training.optim import OPTIMIZERS, SCHEDULES
@@ -22,7 +22,6 @@ CHOICES = {
     "flow.sigma_sampling": SIGMA_SAMPLING,
     "flow.loss_weighting": LOSS_WEIGHTING,
     "optimizer.name": OPTIMIZERS,
-    "memory.base_weights": BASE_WEIGHT_FORMATS,
     "optimizer.scheduler": tuple(SCHEDULES),
     "logging.logger": ("wandb", "tensorboard", "none"),
     "logging.wandb_mode": ("offline", "online"),
@@ -51,8 +50,8 @@ def check_train_config(cfg) -> None:
     for key in ("data.caption_dropout", "lora.dropout"):
         if not 0 <= _get(cfg, key) < 1:
             problems.append(f"{key}={_get(cfg, key)}: must be in [0, 1)")
-    problems += _memory_problems(cfg)
-    from happyhorse_train.models.spec import LORA_FORMATS
+    problems += combination_problems(cfg)  # memory.base_weights's choices too; the engine's: once it starts
+    from happyhorse_train.models.lora_formats import LORA_FORMATS
 
     for layout in cfg.lora.save_formats:
         if layout not in LORA_FORMATS:
@@ -71,31 +70,6 @@ def check_train_config(cfg) -> None:
     if problems:
         raise UserInputError("bad training config:\n  " + "\n  ".join(problems))
     check_writable(Path(cfg.output_dir))
-
-
-def _memory_problems(cfg) -> list[str]:
-    memory, problems = cfg.memory, []
-    if memory.base_weights != "bf16" and cfg.trainer.mode != "lora":
-        problems.append(f"memory.base_weights={memory.base_weights}: quantized base weights are frozen; use trainer.mode=lora")
-    if memory.blocks_to_swap < 0:
-        problems.append(f"memory.blocks_to_swap={memory.blocks_to_swap}: must be 0 or more")
-    if memory.blocks_to_swap and cfg.trainer.mode != "lora":
-        problems.append("memory.blocks_to_swap: swaps frozen weights only; use trainer.mode=lora (or DeepSpeed ZeRO-3 offload)")
-    needs_checkpointing = (
-        ("memory.blocks_to_swap", memory.blocks_to_swap),
-        ("memory.offload_activations", memory.offload_activations),
-        ("memory.saved_attention_blocks", memory.saved_attention_blocks),
-    )
-    for key, on in needs_checkpointing:
-        if on and not cfg.trainer.gradient_checkpointing:
-            problems.append(f"{key} needs trainer.gradient_checkpointing=true (blocks must keep nothing between passes)")
-    if memory.saved_attention_blocks < 0:
-        problems.append(f"memory.saved_attention_blocks={memory.saved_attention_blocks}: must be 0 or more")
-    if memory.saved_attention_blocks and memory.offload_activations:
-        problems.append("memory.saved_attention_blocks: offloaded checkpointing keeps block inputs only; set one of the two")
-    if cfg.trainer.compile and memory.blocks_to_swap:
-        problems.append("trainer.compile: block swap moves weights from hooks inside the blocks; set one of the two")
-    return problems
 
 
 def check_writable(folder: Path) -> None:

@@ -10,21 +10,31 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
+import yaml
 from accelerate.utils import DistributedType
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.fsdp import CPUOffloadPolicy
 
-from happyhorse_train.config import validation_on
+from happyhorse_train.combinations import Engine, combination_problems
 from happyhorse_train.errors import RunHalted, UserInputError
+from happyhorse_train.training.adapters import trainable_parameters
 
 
 class Replicated:
     """Single process or DDP: the loop sees the gradients before the optimizer steps."""
 
-    name = "neither DeepSpeed nor FSDP"  # what checkpoints say wrote them
+    name = "replicated"  # what a checkpoint records as its writer
+    engine = Engine("one process or DDP")  # what it does, for the settings that work under it (combinations.py)
 
     def check_supported(self, cfg) -> None:
-        pass
+        problems = combination_problems(cfg, self.engine)
+        if problems:
+            raise UserInputError(f"not supported with {self.engine.label}:\n  " + "\n  ".join(problems))
 
     def loading(self):
         """Around loading the pipeline."""
@@ -40,51 +50,59 @@ class Replicated:
         """The trained model's whole state dict on the main process (every process must call this)."""
         return accelerator.get_state_dict(model)
 
+    def save_engine_state(self, accelerator, folder: Path, model, optimizer) -> None:
+        """The trained weights and optimizer state into a checkpoint `folder` (every process calls this)."""
+        if accelerator.is_main_process:
+            trainable = trainable_parameters(accelerator.unwrap_model(model))
+            tensors = {name: param.detach().contiguous().cpu() for name, param in trainable.items()}
+            save_file(tensors, str(folder / "trainable.safetensors"))
+            torch.save(optimizer.state_dict(), folder / "optimizer.pt")
 
-def _needs_whole_weights(cfg, engine: str) -> list[str]:
-    problems = []
-    if cfg.trainer.ema:
-        problems.append(f"trainer.ema=true: EMA needs whole weights in every process, {engine} shards them")
-    if validation_on(cfg):
-        problems.append(
-            f"validation.every: rendering needs whole weights, {engine} shards them; set validation.every=0 and "
-            "render from the saved LoRA with sample.py"
+    def load_engine_state(self, accelerator, folder: Path, model, optimizer) -> None:
+        _load_trainable(folder, accelerator.unwrap_model(model))
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False))
+
+
+def _load_trainable(folder: Path, model: torch.nn.Module) -> None:
+    saved = load_file(str(folder / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    trained_here = {name for name, param in params.items() if param.requires_grad}
+    reshaped = sorted(name for name in set(saved) & trained_here if saved[name].shape != params[name].shape)
+    problems = [
+        (f"{len(names)} {what}", names[:2])
+        for what, names in (
+            ("trainable weights it lacks", sorted(trained_here - set(saved))),
+            ("weights this run does not train", sorted(set(saved) - trained_here)),
+            ("weights of another shape", reshaped),
         )
-    return problems
-
-
-def _single_gpu_memory_settings(cfg, engine: str) -> list[str]:
-    """The memory settings made for one GPU: a sharding engine shards instead, and its parameter hooks are
-    untested with theirs."""
-    problems = []
-    if cfg.memory.base_weights != "bf16":
-        problems.append(
-            f"memory.base_weights={cfg.memory.base_weights}: quantized base weights save memory on one GPU; "
-            f"under {engine} use bf16 and let it shard them"
+        if names
+    ]
+    if problems:
+        listed = "; ".join(f"{count} (e.g. {', '.join(examples)})" for count, examples in problems)
+        raise UserInputError(
+            f"{folder} does not hold this run's trainable weights: {listed}. Resume with the settings the run "
+            "started with (trainer.mode, lora.*)"
         )
-    if cfg.memory.offload_activations:
-        problems.append(f"memory.offload_activations: untested with {engine}'s parameter hooks; it shards instead")
-    if cfg.trainer.compile:
-        problems.append(f"trainer.compile: untested with {engine}'s parameter hooks")
-    if cfg.memory.blocks_to_swap:
-        problems.append(f"memory.blocks_to_swap: block swap is for one GPU; {engine} shards instead")
-    return problems
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            params[name].copy_(tensor)
 
 
 class DeepSpeedZero(Replicated):
-    name = "DeepSpeed"
+    name = "deepspeed"
 
     def __init__(self, accelerator):
         self.plugin = accelerator.state.deepspeed_plugin
         self.zero_stage = int(self.plugin.zero_stage)
+        zero = self.plugin.deepspeed_config.get("zero_optimization", {})
+        offload = _offloaded(zero.get(f"offload_{k}", {}).get("device") for k in ("param", "optimizer"))
+        self.engine = self.traits(self.zero_stage, offload)
 
-    def check_supported(self, cfg) -> None:
-        problems = _needs_whole_weights(cfg, "ZeRO-3") if self.zero_stage == 3 else []
-        problems += _single_gpu_memory_settings(cfg, self.name)
-        if cfg.memory.saved_attention_blocks:
-            problems.append("memory.saved_attention_blocks: untested with DeepSpeed's parameter hooks")
-        if problems:
-            raise UserInputError(f"not supported with DeepSpeed ZeRO-{self.zero_stage}:\n  " + "\n  ".join(problems))
+    @staticmethod
+    def traits(zero_stage: int, offload: bool) -> Engine:
+        return Engine(f"DeepSpeed ZeRO-{zero_stage}", shards_weights=zero_stage == 3, shards_optimizer_states=True,
+                      parameter_hooks=True, steps_inside_backward=True, offloads_to_host=offload,
+                      kept_attention_tested=False)
 
     @contextlib.contextmanager
     def loading(self):
@@ -109,6 +127,15 @@ class DeepSpeedZero(Replicated):
         # states; DeepSpeed would otherwise insist on its own compiled CPU Adam.
         config["zero_force_ds_cpu_optimizer"] = False
 
+    def save_engine_state(self, accelerator, folder: Path, model, optimizer) -> None:
+        # Every process writes its shard; the frozen base is the model folder's.
+        model.save_checkpoint(str(folder / "deepspeed"), tag="state", exclude_frozen_parameters=True)
+
+    def load_engine_state(self, accelerator, folder: Path, model, optimizer) -> None:
+        model.load_checkpoint(
+            str(folder / "deepspeed"), tag="state", load_module_strict=False, load_lr_scheduler_states=False
+        )
+
     def check_nonfinite_recoverable(self, step: int) -> None:
         # DeepSpeed stepped inside backward, before the loop could look at the gradients.
         raise RunHalted(
@@ -123,21 +150,21 @@ class FullyShardedDataParallel(Replicated):
     so the loop re-reads its trainable parameters after `prepare`. Clipping sees the whole gradient norm (the
     DTensor norm is reduced across processes), so every process skips a non-finite step together."""
 
-    name = "FSDP"
+    name = "fsdp"
 
     def __init__(self, plugin):
         self.plugin = plugin  # accelerate's FullyShardedDataParallelPlugin
+        # FSDP2's offload policy, or FSDP1's CPUOffload(offload_params)
+        offload = isinstance(plugin.cpu_offload, CPUOffloadPolicy) or getattr(plugin.cpu_offload, "offload_params", 0)
+        self.engine = self.traits(plugin.fsdp_version, bool(offload))
 
-    def check_supported(self, cfg) -> None:
-        problems = _needs_whole_weights(cfg, self.name)
-        if self.plugin.fsdp_version != 2:
-            problems.append(f"fsdp_version: {self.plugin.fsdp_version}: only FSDP2 is tested; set fsdp_version: 2 in "
-                            "the accelerate config (configs/accelerate/fsdp.yaml)")
-        problems += _single_gpu_memory_settings(cfg, self.name)
-        if cfg.optimizer.name != "adamw":
-            problems.append(f"optimizer.name={cfg.optimizer.name}: untested on FSDP's sharded parameters; use adamw")
-        if problems:
-            raise UserInputError("not supported with FSDP:\n  " + "\n  ".join(problems))
+    @staticmethod
+    def traits(fsdp_version: int, offload: bool) -> Engine:
+        untested = (f"fsdp_version: {fsdp_version}: only FSDP2 is tested; set fsdp_version: 2 in the accelerate "
+                    "config (configs/accelerate/fsdp.yaml)",)
+        return Engine("FSDP", shards_weights=True, shards_optimizer_states=True, parameter_hooks=True,
+                      replaces_parameters=True, offloads_to_host=offload,
+                      unsupported=() if fsdp_version == 2 else untested)
 
     def configure(self, cfg) -> None:
         # Two changes to accelerate's FSDP2 mixed precision: gradients are reduced in float32 (its default is
@@ -154,10 +181,61 @@ class FullyShardedDataParallel(Replicated):
 
     def gathered_weights(self, accelerator, model) -> dict:
         # Only what trains: for a LoRA, gathering the frozen base too would copy the whole model to process 0.
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
         return get_model_state_dict(model, options=options)
+
+    def save_engine_state(self, accelerator, folder: Path, model, optimizer) -> None:
+        dcp.save(_sharded_state(model, optimizer), checkpoint_id=folder / "fsdp")
+
+    def load_engine_state(self, accelerator, folder: Path, model, optimizer) -> None:
+        shards = _sharded_state(model, optimizer)
+        dcp.load(shards, checkpoint_id=folder / "fsdp")  # fails on any trainable tensor the checkpoint lacks
+        set_state_dict(
+            model, optimizer.optimizer, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"],
+            options=StateDictOptions(ignore_frozen_params=True, strict=False),  # the frozen base is not in it
+        )
+
+
+def _sharded_state(model: torch.nn.Module, optimizer) -> dict:
+    """This process's shards of the trainable weights and optimizer states, keyed by parameter name (the
+    frozen base is the model folder's: a checkpoint holds only what trains)."""
+    options = StateDictOptions(ignore_frozen_params=True)
+    weights, optimizer_state = get_state_dict(model, optimizer.optimizer, options=options)
+    return {"model": weights, "optimizer": optimizer_state}
+
+
+def _offloaded(devices) -> bool:
+    return any(str(device or "none").lower() != "none" for device in devices)
+
+
+def accelerate_config_engine(path) -> Engine:
+    """The traits of the strategy an accelerate config file (configs/accelerate/*.yaml) selects, read as accelerate
+    reads it: the planner asks this rather than re-deriving what each engine refuses."""
+    config = yaml.safe_load(Path(path).read_text())
+    zero, fsdp = config.get("deepspeed_config") or {}, config.get("fsdp_config") or {}
+    if config.get("distributed_type") == DistributedType.DEEPSPEED:
+        offload = _offloaded(zero.get(f"offload_{k}_device") for k in ("param", "optimizer"))
+        return DeepSpeedZero.traits(int(zero.get("zero_stage", 2)), offload)
+    if config.get("distributed_type") == DistributedType.FSDP:
+        return FullyShardedDataParallel.traits(int(fsdp.get("fsdp_version", 1)), bool(fsdp.get("fsdp_offload_params")))
+    return Replicated.engine
+
+
+def accelerator_options() -> dict:
+    """Keyword arguments for `Accelerator(...)` that make CPU-only runs work under every launcher.
+
+    Without CUDA, accelerate needs `cpu=True` for multi-process runs, but `cpu=True` also switches DeepSpeed
+    off; so under DeepSpeed it gets the gloo backend instead (DeepSpeed then runs on its CPU accelerator).
+    """
+    from accelerate.utils import InitProcessGroupKwargs
+
+    if torch.cuda.is_available():
+        return {}
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return {"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
+    return {"cpu": True}
 
 
 def gradient_accumulation(steps: int):

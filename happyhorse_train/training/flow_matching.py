@@ -94,7 +94,7 @@ def loss_weights(sigmas: torch.Tensor, scheme: str) -> torch.Tensor:
     raise ValueError(f"unknown loss weighting {scheme!r}; use one of {', '.join(LOSS_WEIGHTING)}")
 
 
-def flow_matching_loss(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Per-sample mean squared error over the non-batch dims in float32, weighted, averaged over the batch."""
     per_sample = (prediction.float() - target.float()).square().flatten(1).mean(1)
     return (weights.float() * per_sample).mean()

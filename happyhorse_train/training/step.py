@@ -13,6 +13,7 @@ the same seed draws the same noise on any device.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import torch
 
@@ -25,15 +26,26 @@ def sample_generator(seed: int, step: int, micro_batch: int, clip_id: str) -> to
     return torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
 
 
-def flow_matching_loss(
-    batch: dict, generators: list[torch.Generator], cfg, spec, pipe, model, empty_text: torch.Tensor,
-    device: torch.device, compute_dtype: torch.dtype,
-) -> tuple[torch.Tensor, int]:
+@dataclass(frozen=True)
+class StepContext:
+    """What a training step runs a batch through, fixed for the run: the backbone's forward on the prepared
+    model, the noise recipe (the `flow` config group) and caption dropout toward the cached empty caption."""
+
+    spec: object  # the ModelSpec
+    pipe: object
+    model: torch.nn.Module  # as accelerate prepared it
+    device: torch.device
+    compute_dtype: torch.dtype
+    flow: object
+    caption_dropout: float
+    empty_text: torch.Tensor
+
+
+def batch_loss(batch: dict, generators: list[torch.Generator], ctx: StepContext) -> tuple[torch.Tensor, int]:
     """The batch's loss and its video-token count. `batch` is on the host, as the loader yields it;
     `generators` has one host generator per sample, in batch order."""
     mean, std = batch["latent_mean"], batch["latent_std"]
-    sample_shape = mean.shape[1:]
-    flow = cfg.flow
+    sample_shape, flow = mean.shape[1:], ctx.flow
 
     def draw(fn):
         return torch.stack([fn(g) for g in generators])
@@ -43,28 +55,33 @@ def flow_matching_loss(
         1, flow.sigma_sampling, g, logit_mean=flow.logit_mean, logit_std=flow.logit_std, mode_scale=flow.mode_scale,
     )[0])
     noise = draw(lambda g: torch.randn(sample_shape, generator=g))
-    dropped = draw(lambda g: torch.rand((), generator=g)) < cfg.data.caption_dropout
+    dropped = draw(lambda g: torch.rand((), generator=g)) < ctx.caption_dropout
 
     text, mask = batch["text_states"], batch["text_mask"]
-    if cfg.data.caption_dropout > 0:
-        text, mask = drop_captions(text, mask, empty_text, dropped)
+    if ctx.caption_dropout > 0:
+        text, mask = drop_captions(text, mask, ctx.empty_text, dropped)
     if mask.all():
         mask = None  # nothing padded: attention without a mask, which every fast kernel takes
+
     def to_device(tensor):  # without a stream sync: the copies queue behind the previous step's kernels
-        return None if tensor is None else tensor.to(device, non_blocking=True)
+        return None if tensor is None else tensor.to(ctx.device, non_blocking=True)
 
     text, mask, noise, sigmas = to_device(text), to_device(mask), to_device(noise), to_device(sigmas)
-    latents = spec.normalize_latents(pipe, to_device(mean) + to_device(std) * to_device(posterior))
-    tokens = spec.num_tokens(pipe.transformer, tuple(latents.shape))
-    shift = fm.resolution_shift(tokens, flow.base_shift, flow.max_shift, flow.base_tokens, flow.max_tokens) if flow.resolution_shift else flow.shift
+    latents = ctx.spec.normalize_latents(ctx.pipe, to_device(mean) + to_device(std) * to_device(posterior))
+    tokens = ctx.spec.num_tokens(ctx.pipe.transformer, tuple(latents.shape))
+    if flow.resolution_shift:
+        shift = fm.resolution_shift(tokens, flow.base_shift, flow.max_shift, flow.base_tokens, flow.max_tokens)
+    else:
+        shift = flow.shift
     sigmas = fm.shift_sigmas(sigmas, shift)
     noisy = fm.noisy_latents(latents, noise, sigmas)
     # Autocast here rather than accelerate's: under DeepSpeed accelerate turns its own off, and a bf16
     # DeepSpeed model would then meet float32 inputs.
-    with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
-        prediction = spec.predict_velocity(model, noisy, fm.timesteps_from_sigmas(sigmas), text, mask)
-    loss = fm.flow_matching_loss(prediction, fm.velocity_target(latents, noise), fm.loss_weights(sigmas, flow.loss_weighting))
-    return loss, tokens * latents.shape[0]
+    dtype = ctx.compute_dtype
+    with torch.autocast(ctx.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        prediction = ctx.spec.predict_velocity(ctx.model, noisy, fm.timesteps_from_sigmas(sigmas), text, mask)
+    target, weights = fm.velocity_target(latents, noise), fm.loss_weights(sigmas, flow.loss_weighting)
+    return fm.weighted_mse(prediction, target, weights), tokens * latents.shape[0]
 
 
 def drop_captions(text, mask, empty_text, dropped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 
 from happyhorse_train.demo.clips import DEMO_CLIPS
 from tests.conftest import REPO, run_script
-from tests.integration.test_train import losses, make_dataset
+from tests.integration.conftest import make_dataset
+from tests.integration.test_train import losses
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

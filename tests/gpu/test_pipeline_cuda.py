@@ -25,8 +25,8 @@ def test_sample_memory_settings_on_cuda_render_what_the_resident_pipeline_render
     from omegaconf import OmegaConf
 
     from happyhorse_train.config import SampleMemoryConfig
-    from happyhorse_train.memory.inference import load_inference_pipeline
-    from happyhorse_train.models.spec import get_spec
+    from happyhorse_train.models.backbones import get_spec
+    from happyhorse_train.rendering.sample_pipeline import load_inference_pipeline
 
     kwargs = dict(height=32, width=48, num_frames=5, num_inference_steps=3, guidance_scale=4.0, max_sequence_length=32)
     prompt = "a blue square moving top to bottom"

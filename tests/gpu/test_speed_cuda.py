@@ -78,8 +78,10 @@ def test_8b_lora_at_720x480x121_trains_inside_24_gib():
     try:
         preset = bench.load_preset("8b")
         shape = bench.latent_shape(preset, 720, 480, 121)
-        args = SimpleNamespace(mode="lora", lora_rank=32, seed=0, batch_size=1, steps=2, warmup=1, compile=False,
-                               base_weights="bf16", offload_activations=True, blocks_to_swap=22, saved_attention_blocks=0)
+        args = SimpleNamespace(
+            mode="lora", lora_rank=32, seed=0, batch_size=1, steps=2, warmup=1, compile=False,
+            base_weights="bf16", offload_activations=True, blocks_to_swap=22, saved_attention_blocks=0,
+        )
         result = bench.run_toolkit(preset, args, device, shape, 512)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, device)

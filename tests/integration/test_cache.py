@@ -12,10 +12,10 @@ import time
 import pytest
 import torch
 
-from happyhorse_train.data.cache import LatentCache
-from happyhorse_train.data.caching import fill_cache
+from happyhorse_train.data.cache_fill import fill_cache
 from happyhorse_train.data.clip_rules import Bucket, ClipRules
 from happyhorse_train.data.dataset import CachedClipDataset, collate_clips
+from happyhorse_train.data.latent_cache import LatentCache
 from happyhorse_train.data.prepare import load_manifest, prepare_clips, write_dataset_folder
 from happyhorse_train.data.sampler import BucketBatchSampler
 from happyhorse_train.models.happyhorse import load_pipeline
@@ -130,7 +130,8 @@ def test_dataset_batches_have_one_shape_and_padded_text(tmp_path, encoder):
     assert shapes == {(2, 16, 3, 4, 6), (2, 16, 3, 6, 4)}
     for batch in batches:
         lengths = batch["text_mask"].sum(1)
-        assert batch["text_states"].shape[:2] == batch["text_mask"].shape and lengths.max() == batch["text_mask"].shape[1]
+        assert batch["text_states"].shape[:2] == batch["text_mask"].shape
+        assert lengths.max() == batch["text_mask"].shape[1]
         assert (batch["text_states"][~batch["text_mask"]] == 0).all()
 
 
@@ -139,7 +140,9 @@ def test_a_killed_caching_run_resumes_to_the_same_cache(tmp_path, demo_model_dir
     command = [sys.executable, "data_tools/cache_latents.py", str(tmp_path / "ds"), "--model", str(demo_model_dir)]
     command += ["--max-sequence-length", "32", "--shard-size", "1", "--no-progress"]
 
-    process = subprocess.Popen([*command, "--cache", str(tmp_path / "killed")], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [*command, "--cache", str(tmp_path / "killed")], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     shards = tmp_path / "killed" / "shards"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(list(shards.glob("*.safetensors"))) < 3 and process.poll() is None:
@@ -164,7 +167,8 @@ def test_two_processes_split_the_work_under_accelerate_launch(tmp_path, demo_mod
     args = [str(tmp_path / "ds"), "--model", str(demo_model_dir), "--max-sequence-length", "32", "--no-progress"]
     launch = run_script(
         "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "data_tools/cache_latents.py", *args, "--cache", str(tmp_path / "two"),
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "data_tools/cache_latents.py", *args, "--cache", str(tmp_path / "two"),
     )
     assert launch.returncode == 0, launch.stderr[-3000:]
     assert "rank 0: encoded 3 clips" in launch.stdout and "rank 1: encoded 3 clips" in launch.stdout

@@ -6,8 +6,8 @@ import decord
 import numpy as np
 import torch
 
-from happyhorse_train.demo.checkpoint import build_random_pipeline
-from happyhorse_train.demo.clips import DEMO_CLIPS, COLOURS
+from happyhorse_train.demo.clips import COLOURS, DEMO_CLIPS
+from happyhorse_train.demo.random_model import build_random_pipeline
 from happyhorse_train.models.happyhorse import HappyHorsePipeline
 from tests.conftest import run_script
 

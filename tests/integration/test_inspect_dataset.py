@@ -219,7 +219,7 @@ def test_report_text_stays_within_100_columns_and_caps_examples():
     text = render_report(rows, {"files_seen": 23, "files_kept": 15, "dropped": dropped, "notes": ["n" * 300]})
     assert all(len(line) <= 100 for line in text.splitlines()), max(text.splitlines(), key=len)
     assert "15 source(s), top 10" in text and "... and 4 more source file(s)" in text
-    [line] = [l for l in text.splitlines() if l.startswith("cannot open as video")]
+    [line] = [each for each in text.splitlines() if each.startswith("cannot open as video")]
     assert "bad_0.mp4" in line and "bad_4.mp4" in line and "bad_5.mp4" not in line and "+3 more" in line
     assert format_table(["a", "n"], [["xx", 1], ["y", 22]], "lr") == ["a    n", "--  --", "xx   1", "y   22"]
     json.dumps(summarize(rows, {}))  # plain values only

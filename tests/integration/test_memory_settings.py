@@ -5,13 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from happyhorse_train.evaluation.loggers import read_metrics
-from happyhorse_train.models.spec import get_spec
-from tests.integration.test_train import dataset, train  # noqa: F401  (the module-scoped dataset fixture)
+from happyhorse_train.memory.streamed_load import base_transformer, place_transformer
+from happyhorse_train.models.backbones import get_spec
+from happyhorse_train.training.run_log import read_metrics
+from tests.integration.test_train import train
 
 
 @pytest.mark.parametrize("base_weights", ["fp8", "nf4"])
-def test_a_quantized_base_with_offloaded_activations_and_block_swap_trains_and_validates(base_weights, dataset, demo_model_dir, tmp_path):
+def test_a_quantized_base_with_offloaded_activations_and_block_swap_trains_and_validates(
+    base_weights, dataset, demo_model_dir, tmp_path
+):
     result = train(
         f"model.path={demo_model_dir}", f"data.dataset={dataset}", f"output_dir={tmp_path}", "trainer.max_steps=2",
         f"memory.base_weights={base_weights}", "memory.offload_activations=true", "memory.blocks_to_swap=2",
@@ -48,11 +51,12 @@ def test_the_trainer_loads_the_transformer_into_host_ram_while_the_encoders_go_t
 
 
 def test_a_quantized_transformer_is_only_loaded_once_the_encoders_are_done(demo_model_dir):
-    spec = get_spec("happyhorse")
-    pipe = spec.load_pipeline(demo_model_dir, torch.device("cpu"), torch.float32, "fp8", transformer_to_device=False)
+    spec, cpu = get_spec("happyhorse"), torch.device("cpu")
+    meta = base_transformer(spec, demo_model_dir, "fp8", cpu, torch.float32, deferred=True)
+    pipe = spec.load_pipeline(demo_model_dir, cpu, torch.float32, meta, transformer_to_device=False)
     assert {p.device.type for p in pipe.transformer.parameters()} == {"meta"}  # config only, for the geometry
     assert tuple(pipe.transformer.config.patch_size) == (1, 2, 2)
     lines = []
-    spec.place_transformer(pipe, demo_model_dir, torch.device("cpu"), torch.float32, "fp8", lines.append)
+    place_transformer(pipe, spec, demo_model_dir, "fp8", cpu, torch.float32, lines.append)
     assert {p.device.type for p in pipe.transformer.parameters()} == {"cpu"}
     assert "loaded transformer (fp8): 40 linear layers quantized" in lines[0]

@@ -54,7 +54,8 @@ def test_manifest_holds_exactly_the_clips_and_frame_counts_the_rules_give(media_
         "h_still.png": (1, 1, "1x64x96"),
     }
     assert {name: (r["num_frames"], r["source_span"], r["bucket"]) for name, r in rows.items()} == expected
-    assert [rows[n]["source_fps"] for n in ("a_24fps.mp4", "b_25fps.mp4", "c_30fps.mp4", "d_60fps.mp4")] == [24, 25, 30, 60]
+    names = ("a_24fps.mp4", "b_25fps.mp4", "c_30fps.mp4", "d_60fps.mp4")
+    assert [rows[n]["source_fps"] for n in names] == [24, 25, 30, 60]
     assert rows["d_60fps.mp4"]["source_frames"] == 48 and rows["e_portrait.mp4"]["width"] == 64
     assert all(r["start_frame"] == 0 and r["caption"] for r in rows.values())
     assert len({r["clip_id"] for r in result.rows}) == len(result.rows)
@@ -74,7 +75,8 @@ def test_dataset_folder_round_trips_through_datasets(media_folder, tmp_path):
     result = prepare_clips(media_folder, rules, num_workers=1, progress=False)
     write_dataset_folder(result, media_folder, tmp_path, rules)
     manifest = load_manifest(tmp_path)
-    assert len(manifest) == 8 and set(manifest.column_names) >= {"source", "fingerprint", "start_frame", "bucket", "caption"}
+    assert len(manifest) == 8
+    assert set(manifest.column_names) >= {"source", "fingerprint", "start_frame", "bucket", "caption"}
     assert json.loads((tmp_path / "report.json").read_text())["clips"] == 8
 
 
@@ -104,7 +106,9 @@ def bad_case(kind, root):
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["zero_byte", "truncated", "text_as_mp4", "too_short", "unreadable_caption", "missing_caption"])
+@pytest.mark.parametrize(
+    "kind", ["zero_byte", "truncated", "text_as_mp4", "too_short", "unreadable_caption", "missing_caption"]
+)
 def test_a_bad_file_is_reported_and_every_other_clip_kept(kind, tmp_path):
     write_video(tmp_path / "good_one.mp4", 20, 24)
     write_video(tmp_path / "good_two.mp4", 20, 30)
@@ -142,10 +146,16 @@ def test_captions_from_jsonl_and_csv(tmp_path):
     write_video(tmp_path / "one.mp4", 20, 24, caption=None)
     write_video(tmp_path / "sub" / "two.mp4", 20, 24, caption=None)
     write_video(tmp_path / "three.mp4", 20, 24, caption=None)
-    (tmp_path / "captions.jsonl").write_text('{"file": "one.mp4", "caption": "first"}\n{"file": "sub/two.mp4", "caption": "second"}\n')
+    (tmp_path / "captions.jsonl").write_text(
+        '{"file": "one.mp4", "caption": "first"}\n{"file": "sub/two.mp4", "caption": "second"}\n'
+    )
     (tmp_path / "captions.csv").write_text('file,caption\nthree.mp4,"third, with a comma"\n')
     rows = by_name(prepare(tmp_path).rows)
-    assert {name: row["caption"] for name, row in rows.items()} == {"one.mp4": "first", "two.mp4": "second", "three.mp4": "third, with a comma"}
+    assert {name: row["caption"] for name, row in rows.items()} == {
+        "one.mp4": "first",
+        "two.mp4": "second",
+        "three.mp4": "third, with a comma",
+    }
 
 
 def test_cli_exit_status_zero_with_drops_and_a_clear_error_when_nothing_is_usable(tmp_path):

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from happyhorse_train.demo.clips import DEMO_CLIPS
 from tests.conftest import REPO, run_script
-from tests.integration.test_train import FAST, losses, make_dataset, train
+from tests.integration.conftest import FAST, make_dataset
+from tests.integration.test_train import losses, train
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,10 @@ def dataset(tmp_path_factory) -> Path:
 
 
 def common(model: Path, dataset: Path, out: Path, steps: int) -> list[str]:
-    return [f"model.path={model}", f"data.dataset={dataset}", f"output_dir={out}", f"trainer.max_steps={steps}", "data.batch_size=2"]
+    return [
+        f"model.path={model}", f"data.dataset={dataset}", f"output_dir={out}", f"trainer.max_steps={steps}",
+        "data.batch_size=2",
+    ]
 
 
 SIGNAL_RUN_STEPS = 30
@@ -45,7 +49,10 @@ def test_a_signal_writes_a_checkpoint_and_resume_matches_an_uninterrupted_run(
     signal_to_send = signal.SIGTERM  # (SIGINT takes the same handler: tests/unit/test_stop_request.py)
     steps = SIGNAL_RUN_STEPS
     out = tmp_path / "signalled"
-    args = [sys.executable, "train.py", "+experiment=demo", *FAST, *common(demo_model_dir, dataset, out, steps), "trainer.checkpoint_every=0"]
+    args = [
+        sys.executable, "train.py", "+experiment=demo", *FAST, *common(demo_model_dir, dataset, out, steps),
+        "trainer.checkpoint_every=0",
+    ]
     process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None and len(losses(out)) < 4:
@@ -69,19 +76,24 @@ def test_overflowing_steps_are_skipped_then_the_run_halts_with_finite_state(data
     result = train(*common(demo_model_dir, dataset, tmp_path, 20), "optimizer.lr=1e30", "optimizer.max_grad_norm=0",
                    "trainer.checkpoint_every=1", "trainer.max_consecutive_nonfinite=3")
     assert result.returncode == 2
-    assert "3 steps in a row had a non-finite loss or gradient (at step 1)" in result.stderr and "Traceback" not in result.stderr
+    assert "3 steps in a row had a non-finite loss or gradient (at step 1)" in result.stderr
+    assert "Traceback" not in result.stderr
     checkpoint = tmp_path / "checkpoints" / "step-00000001"
     assert all(torch.isfinite(t).all() for t in load_file(checkpoint / "trainable.safetensors").values())
     optimizer = torch.load(checkpoint / "optimizer.pt", weights_only=False)
-    assert all(torch.isfinite(v).all() for state in optimizer["state"].values() for v in state.values() if torch.is_tensor(v))
+    assert all(
+        torch.isfinite(v).all() for state in optimizer["state"].values() for v in state.values() if torch.is_tensor(v)
+    )
 
 
 def test_a_nan_clip_skips_its_steps_and_training_goes_on(dataset, demo_model_dir, tmp_path):
-    from happyhorse_train.data.cache import LatentCache
+    from happyhorse_train.data.latent_cache import LatentCache
 
     cache_dir = tmp_path / "cache"
-    filled = run_script("data_tools/cache_latents.py", str(dataset), "--model", str(demo_model_dir), "--cache", str(cache_dir),
-                        "--max-sequence-length", "32", "--no-progress")
+    filled = run_script(
+        "data_tools/cache_latents.py", str(dataset), "--model", str(demo_model_dir), "--cache", str(cache_dir),
+        "--max-sequence-length", "32", "--no-progress",
+    )
     assert filled.returncode == 0, filled.stderr[-2000:]
     cache = LatentCache(cache_dir)
     # A landscape clip (latent 4 x 6): the lone portrait clip never fills a batch of 2, so it never trains.
@@ -102,11 +114,12 @@ def test_a_nan_clip_skips_its_steps_and_training_goes_on(dataset, demo_model_dir
 
     result = train(*common(demo_model_dir, dataset, tmp_path / "out", 8), f"data.cache={cache_dir}")
     assert result.returncode == 0, result.stderr[-2000:]
-    from happyhorse_train.evaluation.loggers import read_metrics
+    from happyhorse_train.training.run_log import read_metrics
 
     metrics = read_metrics(tmp_path / "out" / "metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(1, 9)) and metrics[-1]["skipped_steps"] >= 1
-    assert all(torch.isfinite(t).all() for t in load_file(tmp_path / "out" / "lora" / "pytorch_lora_weights.safetensors").values())
+    lora = load_file(tmp_path / "out" / "lora" / "pytorch_lora_weights.safetensors")
+    assert all(torch.isfinite(t).all() for t in lora.values())
 
 
 def run_with_file_size_limit(args: list[str], limit_bytes: int) -> subprocess.CompletedProcess:
@@ -116,16 +129,22 @@ def run_with_file_size_limit(args: list[str], limit_bytes: int) -> subprocess.Co
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
 
-    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, preexec_fn=limit, timeout=600)
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, preexec_fn=limit, timeout=600
+    )
 
 
 def test_a_full_disk_during_a_checkpoint_keeps_the_last_one_and_resume_works(dataset, demo_model_dir, tmp_path):
     out = tmp_path / "out"
-    first = train(*common(demo_model_dir, dataset, out, 2), "trainer.checkpoint_every=2")  # caches and checkpoints step 2
+    # caches and checkpoints step 2
+    first = train(*common(demo_model_dir, dataset, out, 2), "trainer.checkpoint_every=2")
     assert first.returncode == 0, first.stderr[-2000:]
     # The next checkpoint's files (~180 KB of LoRA weights, more of optimizer state) do not fit under 100 KB.
     limited = run_with_file_size_limit(
-        ["train.py", "+experiment=demo", *FAST, *common(demo_model_dir, dataset, out, 4), "trainer.checkpoint_every=2", "resume=latest"],
+        [
+            "train.py", "+experiment=demo", *FAST, *common(demo_model_dir, dataset, out, 4),
+            "trainer.checkpoint_every=2", "resume=latest",
+        ],
         100_000,
     )
     assert limited.returncode == 2, limited.stderr[-2000:]
@@ -139,9 +158,14 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_last_one_and_resume_works(dat
 
 
 def test_a_full_disk_while_caching_loses_nothing_and_a_rerun_completes(dataset, demo_model_dir, tmp_path):
-    args = ["data_tools/cache_latents.py", str(dataset), "--model", str(demo_model_dir), "--max-sequence-length", "32", "--no-progress"]
-    limited = run_with_file_size_limit([*args, "--cache", str(tmp_path / "cache"), "--shard-size", "2"], 12_000)  # a shard of 2 clips is ~19 KB
-    assert limited.returncode == 2 and "could not write a cache shard" in limited.stderr and "Traceback" not in limited.stderr
+    args = [
+        "data_tools/cache_latents.py", str(dataset), "--model", str(demo_model_dir),
+        "--max-sequence-length", "32", "--no-progress",
+    ]
+    # a shard of 2 clips is ~19 KB
+    limited = run_with_file_size_limit([*args, "--cache", str(tmp_path / "cache"), "--shard-size", "2"], 12_000)
+    assert limited.returncode == 2 and "could not write a cache shard" in limited.stderr
+    assert "Traceback" not in limited.stderr
     shards = tmp_path / "cache" / "shards"
     assert not [p for p in shards.iterdir() if not p.name.endswith(".safetensors")]  # no temporary file left behind
     rerun = run_script(*args, "--cache", str(tmp_path / "cache"))
@@ -166,7 +190,8 @@ def test_a_model_folder_missing_a_component_is_one_line_before_loading(dataset, 
 
 def test_an_output_folder_that_cannot_be_made_is_refused_before_loading(dataset, demo_model_dir, tmp_path):
     (tmp_path / "a_file").write_text("not a folder")
-    result = train(*common(demo_model_dir, dataset, tmp_path / "a_file" / "run", 2))  # root can write anywhere, but not under a file
+    # root can write anywhere, but not under a file
+    result = train(*common(demo_model_dir, dataset, tmp_path / "a_file" / "run", 2))
     assert result.returncode == 2 and "is not writable" in result.stderr and "Traceback" not in result.stderr
     assert "Loading pipeline components" not in result.stderr
 
@@ -182,7 +207,7 @@ def test_resuming_with_another_number_of_processes_says_why_it_cannot(dataset, d
 
 
 def test_corrupt_cache_shards_are_detected_moved_aside_and_re_encoded(dataset, demo_model_dir, tmp_path):
-    from happyhorse_train.data.cache import LatentCache
+    from happyhorse_train.data.latent_cache import LatentCache
     from tests.integration.test_cache import cache_contents
 
     cache_dir = tmp_path / "cache"
@@ -204,12 +229,19 @@ def test_corrupt_cache_shards_are_detected_moved_aside_and_re_encoded(dataset, d
     assert sorted(p.name for p in (cache_dir / "corrupt").iterdir()) == sorted([flipped.name, truncated.name])
     after = cache_contents(cache_dir)  # every entry is back, re-encoded to the same values
     assert after.keys() == before.keys()
-    differing = [(k, f, (after[k][f] - before[k][f]).abs().max().item()) for k in before for f in before[k] if not torch.equal(after[k][f], before[k][f])]
+    differing = [
+        (k, f, (after[k][f] - before[k][f]).abs().max().item())
+        for k in before
+        for f in before[k]
+        if not torch.equal(after[k][f], before[k][f])
+    ]
     assert differing == []
     assert LatentCache(cache_dir).verify() == []
 
 
-def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_and_resume_latest_picks_it(dataset, demo_model_dir, tmp_path):
+def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_and_resume_latest_picks_it(
+    dataset, demo_model_dir, tmp_path
+):
     from happyhorse_train.training.checkpoint import list_checkpoints, resolve_resume
 
     out = tmp_path / "out"

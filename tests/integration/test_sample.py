@@ -9,13 +9,13 @@ import torch
 from omegaconf import OmegaConf
 
 from happyhorse_train.config import SampleMemoryConfig
-from happyhorse_train.demo.checkpoint import write_random_checkpoint
+from happyhorse_train.demo.random_model import write_random_model
 from happyhorse_train.errors import UserInputError
-from happyhorse_train.memory.inference import load_inference_pipeline
+from happyhorse_train.models.backbones import get_spec
 from happyhorse_train.models.happyhorse import load_pipeline
 from happyhorse_train.models.lora_formats import apply_loras
 from happyhorse_train.models.presets import load_preset
-from happyhorse_train.models.spec import get_spec
+from happyhorse_train.rendering.sample_pipeline import load_inference_pipeline
 from tests.conftest import make_random_lora, run_script
 
 SIZE = dict(height=32, width=48, num_frames=5, num_inference_steps=3, guidance_scale=4.0, max_sequence_length=32)
@@ -92,7 +92,7 @@ def test_a_lora_of_another_model_is_refused_with_a_clear_message(tmp_path, demo_
     other_dir = tmp_path / "other"
     wider_mlp = load_preset("tiny")
     wider_mlp["transformer"]["ffn_dim"] = 96
-    write_random_checkpoint(other_dir, wider_mlp)
+    write_random_model(other_dir, wider_mlp)
     foreign = make_random_lora(other_dir, tmp_path / "foreign", seed=3)
 
     result = run_script("sample.py", f"model.path={demo_model_dir}", f"loras=[{foreign}]", f"output_dir={tmp_path}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.test_train import dataset, losses, train  # noqa: F401  (the module-scoped dataset fixture)
+from tests.integration.test_train import losses, train
 
 
 def test_compiled_blocks_with_kept_attention_train_as_the_eager_run(dataset, demo_model_dir, tmp_path):

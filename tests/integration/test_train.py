@@ -12,32 +12,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from happyhorse_train.data.clip_rules import Bucket, ClipRules
-from happyhorse_train.data.prepare import prepare_clips, write_dataset_folder
-from happyhorse_train.demo.clips import DEMO_CLIPS, write_demo_clips
-from happyhorse_train.evaluation.loggers import read_metrics
+from happyhorse_train.demo.clips import DEMO_CLIPS
+from happyhorse_train.training.run_log import read_metrics
 from tests.conftest import REPO, run_script
-
-RULES = ClipRules(buckets=[Bucket(9, 32, 48), Bucket(9, 48, 32)], min_frames=9)
-# Fast settings every run here shares: float32 on the CPU, no tracker, no validation unless asked.
-FAST = ["trainer.mixed_precision=no", "logging.logger=none", "validation.every=0", "data.max_sequence_length=32"]
-
-
-def make_dataset(folder: Path, recipes) -> Path:
-    write_demo_clips(folder / "clips", recipes)
-    result = prepare_clips(folder / "clips", RULES, num_workers=1, progress=False)
-    write_dataset_folder(result, folder / "clips", folder / "dataset", RULES)
-    return folder / "dataset"
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("train_data"), DEMO_CLIPS)
-
-
-@pytest.fixture(scope="module")
-def one_clip(tmp_path_factory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("one_clip"), DEMO_CLIPS[:1])
+from tests.integration.conftest import FAST, make_dataset
 
 
 def train(*overrides: str, launcher: list[str] | None = None):
@@ -60,7 +38,10 @@ OVERFIT_LORA_TARGETS = (
 
 @pytest.mark.parametrize(
     "mode, settings",
-    [("lora", ["optimizer.lr=1e-2", "lora.rank=32", "lora.alpha=32", OVERFIT_LORA_TARGETS]), ("full", ["optimizer.lr=3e-3"])],
+    [
+        ("lora", ["optimizer.lr=1e-2", "lora.rank=32", "lora.alpha=32", OVERFIT_LORA_TARGETS]),
+        ("full", ["optimizer.lr=3e-3"]),
+    ],
 )
 def test_overfits_one_clip(mode, settings, one_clip, demo_model_dir, tmp_path):
     out = tmp_path / mode
@@ -106,7 +87,9 @@ def test_resume_continues_exactly(dataset, demo_model_dir, tmp_path):
 
 
 def test_a_new_run_refuses_an_output_dir_with_checkpoints(dataset, demo_model_dir, tmp_path):
-    common = [f"model.path={demo_model_dir}", f"data.dataset={dataset}", f"output_dir={tmp_path}", "trainer.max_steps=1"]
+    common = [
+        f"model.path={demo_model_dir}", f"data.dataset={dataset}", f"output_dir={tmp_path}", "trainer.max_steps=1"
+    ]
     assert train(*common).returncode == 0
     again = train(*common)
     assert again.returncode == 2 and "already holds checkpoints" in again.stderr and "resume=latest" in again.stderr
@@ -149,13 +132,15 @@ def _read(path: Path) -> np.ndarray:
 
 
 def test_a_lora_trained_on_another_model_is_refused(demo_run, tmp_path):
-    from happyhorse_train.demo.checkpoint import write_random_checkpoint
+    from happyhorse_train.demo.random_model import write_random_model
     from happyhorse_train.models.presets import load_preset
 
     other = load_preset("tiny")
     other["transformer"]["ffn_dim"] = 96
-    other_dir = write_random_checkpoint(tmp_path / "other", other)
-    result = run_script("sample.py", f"model.path={other_dir}", f"loras=[{demo_run / 'lora'}]", f"output_dir={tmp_path}")
+    other_dir = write_random_model(tmp_path / "other", other)
+    result = run_script(
+        "sample.py", f"model.path={other_dir}", f"loras=[{demo_run / 'lora'}]", f"output_dir={tmp_path}"
+    )
     assert result.returncode == 2 and "does not fit this model" in result.stderr and "Traceback" not in result.stderr
 
 

@@ -11,10 +11,11 @@ import torch
 from diffusers import WanPipeline
 from safetensors.torch import load_file
 
-from happyhorse_train.models.spec import get_spec
+from happyhorse_train.models.backbones import get_spec
 from happyhorse_train.training.adapters import make_trainable
 from tests.conftest import run_script
-from tests.integration.test_train import FAST, losses
+from tests.integration.conftest import FAST
+from tests.integration.test_train import losses
 
 RENDER = dict(height=32, width=64, num_frames=5, num_inference_steps=3, guidance_scale=4.0, max_sequence_length=32)
 PROMPT = "a blue square moving top to bottom on a dark background"
@@ -27,7 +28,8 @@ def wan_model(wan_model_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def wan_run(wan_model, tmp_path_factory) -> Path:
-    from tests.integration.test_train import DEMO_CLIPS, make_dataset
+    from happyhorse_train.demo.clips import DEMO_CLIPS
+    from tests.integration.conftest import make_dataset
 
     dataset = make_dataset(tmp_path_factory.mktemp("wan_data"), DEMO_CLIPS)
     out = tmp_path_factory.mktemp("wan_run")
@@ -88,18 +90,22 @@ def test_our_comfyui_file_loads_through_diffusers_own_converter_with_the_same_fr
 
 def test_convert_cli_round_trip_is_exact(wan_run, tmp_path):
     original = wan_run / "lora" / "pytorch_lora_weights.safetensors"
-    to_comfy = run_script("data_tools/convert_lora.py", str(original), str(tmp_path / "c.safetensors"), "--to", "comfyui")
+    convert = "data_tools/convert_lora.py"
+    to_comfy = run_script(convert, str(original), str(tmp_path / "c.safetensors"), "--to", "comfyui")
     assert to_comfy.returncode == 0, to_comfy.stderr
-    back = run_script("data_tools/convert_lora.py", str(tmp_path / "c.safetensors"), str(tmp_path / "back"), "--to", "diffusers", "--backbone", "wan")
+    back = run_script(convert, str(tmp_path / "c.safetensors"), str(tmp_path / "back"), "--to", "diffusers",
+                      "--backbone", "wan")
     assert back.returncode == 0, back.stderr
     a, b = load_file(original), load_file(tmp_path / "back" / "pytorch_lora_weights.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    comfy_cli, comfy_trained = load_file(tmp_path / "c.safetensors"), load_file(wan_run / "lora" / "comfyui_lora.safetensors")
-    assert comfy_cli.keys() == comfy_trained.keys() and all(torch.equal(comfy_cli[k], comfy_trained[k]) for k in comfy_cli)
+    comfy_cli = load_file(tmp_path / "c.safetensors")
+    comfy_trained = load_file(wan_run / "lora" / "comfyui_lora.safetensors")
+    assert comfy_cli.keys() == comfy_trained.keys()
+    assert all(torch.equal(comfy_cli[k], comfy_trained[k]) for k in comfy_cli)
     assert "diffusion_model.blocks.0.self_attn.q.lora_down.weight" in comfy_cli
 
     from safetensors.torch import save_file
 
     save_file(comfy_cli, str(tmp_path / "foreign.safetensors"))  # as another tool would write it: no header of ours
-    no_backbone = run_script("data_tools/convert_lora.py", str(tmp_path / "foreign.safetensors"), str(tmp_path / "x"), "--to", "diffusers")
+    no_backbone = run_script(convert, str(tmp_path / "foreign.safetensors"), str(tmp_path / "x"), "--to", "diffusers")
     assert no_backbone.returncode == 2 and "--backbone" in no_backbone.stderr

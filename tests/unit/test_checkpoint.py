@@ -9,7 +9,8 @@ import torch
 from accelerate import Accelerator
 
 from happyhorse_train.errors import UserInputError
-from happyhorse_train.training.checkpoint import load_checkpoint, save_checkpoint
+from happyhorse_train.training.checkpoint import Checkpointable, load_checkpoint, save_checkpoint
+from happyhorse_train.training.distributed import Replicated
 from happyhorse_train.training.ema import EMA
 
 
@@ -28,14 +29,15 @@ def saved_run(folder, names=("0.weight",)) -> tuple:
     model(torch.ones(1, 4)).sum().backward()
     optimizer.step()
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    path = save_checkpoint(accelerator, folder, 3, model, optimizer, schedule, None, {"epoch": 0}, keep=2)
+    live = Checkpointable(accelerator, Replicated(), model, optimizer, schedule, None)
+    path = save_checkpoint(live, folder, 3, {"epoch": 0}, keep=2)
     return accelerator, model, path
 
 
 def resume_into(accelerator, path, model, ema=None) -> dict:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    return load_checkpoint(accelerator, path, model, optimizer, schedule, ema)
+    return load_checkpoint(Checkpointable(accelerator, Replicated(), model, optimizer, schedule, ema), path)
 
 
 def test_a_checkpoint_restores_the_trained_weights(tmp_path):

@@ -45,7 +45,7 @@ def test_perfect_velocity_gives_zero_loss_and_recovers_data():
     sigmas = torch.tensor([0.1, 0.5, 0.9])
     noisy = fm.noisy_latents(x0, noise, sigmas)
     target = fm.velocity_target(x0, noise)
-    assert fm.flow_matching_loss(target, target, fm.loss_weights(sigmas, "cosmap")).item() == 0.0
+    assert fm.weighted_mse(target, target, fm.loss_weights(sigmas, "cosmap")).item() == 0.0
     # One Euler step of size -sigma along the true velocity lands on the data.
     torch.testing.assert_close(noisy - sigmas.view(-1, 1, 1, 1, 1) * target, x0, atol=1e-6, rtol=1e-5)
 
@@ -151,10 +151,10 @@ def test_loss_is_weighted_per_sample_mean_in_float32():
     prediction[0] = 1.0  # per-sample MSE 1
     prediction[1] = 2.0  # per-sample MSE 4
     prediction[2, 0, 0] = 8.0  # per-sample MSE 64 / 8 = 8
-    assert fm.flow_matching_loss(prediction, target, torch.ones(3)).item() == pytest.approx((1 + 4 + 8) / 3)
+    assert fm.weighted_mse(prediction, target, torch.ones(3)).item() == pytest.approx((1 + 4 + 8) / 3)
     # A zero weight removes that sample's contribution entirely.
-    assert fm.flow_matching_loss(prediction, target, torch.tensor([1.0, 0.0, 1.0])).item() == pytest.approx(3.0)
-    half = fm.flow_matching_loss(prediction.bfloat16(), target.bfloat16(), torch.ones(3).bfloat16())
+    assert fm.weighted_mse(prediction, target, torch.tensor([1.0, 0.0, 1.0])).item() == pytest.approx(3.0)
+    half = fm.weighted_mse(prediction.bfloat16(), target.bfloat16(), torch.ones(3).bfloat16())
     assert half.dtype == torch.float32 and half.dim() == 0
 
 

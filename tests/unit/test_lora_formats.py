@@ -3,7 +3,7 @@ import torch
 
 from happyhorse_train.errors import UserInputError
 from happyhorse_train.models import lora_formats as formats
-from happyhorse_train.models.spec import get_spec
+from happyhorse_train.models.backbones import get_spec
 
 
 def random_lora(modules: list[str], rank: int = 4) -> dict[str, torch.Tensor]:
@@ -29,8 +29,9 @@ def test_key_rules_and_exact_round_trip(backbone, module, comfy_module):
     renames = get_spec(backbone).comfyui_renames
     lora = random_lora([module, "blocks.9.attn1.to_q" if backbone == "wan" else "blocks.9.shared.ff.up_proj"])
     comfy = formats.diffusers_to_comfyui(lora, alpha=2.0, renames=renames)
-    assert torch.equal(comfy[f"diffusion_model.{comfy_module}.lora_down.weight"], lora[f"transformer.{module}.lora_A.weight"])
-    assert torch.equal(comfy[f"diffusion_model.{comfy_module}.lora_up.weight"], lora[f"transformer.{module}.lora_B.weight"])
+    comfy_prefix, diffusers_prefix = f"diffusion_model.{comfy_module}", f"transformer.{module}"
+    assert torch.equal(comfy[f"{comfy_prefix}.lora_down.weight"], lora[f"{diffusers_prefix}.lora_A.weight"])
+    assert torch.equal(comfy[f"{comfy_prefix}.lora_up.weight"], lora[f"{diffusers_prefix}.lora_B.weight"])
     assert comfy[f"diffusion_model.{comfy_module}.alpha"].item() == 2.0
     back, alpha = formats.comfyui_to_diffusers(comfy, renames)
     assert alpha == 2.0 and back.keys() == lora.keys() and all(torch.equal(back[k], lora[k]) for k in lora)

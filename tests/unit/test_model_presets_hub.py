@@ -5,12 +5,14 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from happyhorse_train.config import register_configs
+from happyhorse_train.models.backbones import get_spec
 from happyhorse_train.models.presets import CONFIG_DIR
-from happyhorse_train.models.spec import get_spec
 
 PRESETS = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
 # Published transformer sizes, in billions of parameters, with the tolerance each is known to.
-EXPECTED_BILLIONS = {"8b": (8.0, 0.5), "wan2.1-1.3b": (1.42, 0.1), "wan2.1-14b": (14.3, 0.5), "wan2.2-ti2v-5b": (5.0, 0.3)}
+EXPECTED_BILLIONS = {
+    "8b": (8.0, 0.5), "wan2.1-1.3b": (1.42, 0.1), "wan2.1-14b": (14.3, 0.5), "wan2.2-ti2v-5b": (5.0, 0.3)
+}
 
 
 @pytest.mark.parametrize("preset", PRESETS)

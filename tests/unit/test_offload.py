@@ -18,7 +18,9 @@ def lora_model(dropout: float = 0.0) -> HappyHorseTransformer3DModel:
     torch.manual_seed(0)
     model = HappyHorseTransformer3DModel(**{**load_preset("tiny")["transformer"], "num_layers": 6})
     model.requires_grad_(False)
-    model.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, lora_dropout=dropout, target_modules=TARGETS, init_lora_weights="gaussian"))
+    model.add_adapter(
+        peft.LoraConfig(r=4, lora_alpha=4, lora_dropout=dropout, target_modules=TARGETS, init_lora_weights="gaussian")
+    )
     return model.train()
 
 

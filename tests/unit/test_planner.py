@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from happyhorse_train.memory import planner
-from happyhorse_train.memory.inference import chunk_feed_forwards
-from happyhorse_train.memory.planner.measure import LiveTensorBytes
+from happyhorse_train import planner
+from happyhorse_train.memory.ffn_chunks import chunk_feed_forwards
+from happyhorse_train.models.backbones import get_spec
 from happyhorse_train.models.happyhorse.spec import HappyHorseSpec
 from happyhorse_train.models.happyhorse.transformer import HappyHorseTransformer3DModel, SwiGLU
 from happyhorse_train.models.presets import load_preset
-from happyhorse_train.models.spec import get_spec
+from happyhorse_train.planner.measure import LiveTensorBytes
 from happyhorse_train.training.adapters import make_trainable
 from tests.conftest import run_script
 
@@ -253,8 +253,8 @@ def test_the_picked_override_line_passes_train_py_config_schema(num_gpus):
 
 
 def test_candidate_accelerate_configs_are_shipped():
-    from happyhorse_train.memory.planner.assumptions import ACCELERATE_CONFIGS
     from happyhorse_train.models.presets import CONFIG_DIR
+    from happyhorse_train.planner.assumptions import ACCELERATE_CONFIGS
 
     request = planner.PlanRequest(preset="tiny", gpu_memory_gib=24, host_ram_gib=64, width=64, height=64, frames=5,
                                   num_gpus=2)

@@ -2,7 +2,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
 
-from happyhorse_train.demo.checkpoint import build_random_pipeline
+from happyhorse_train.demo.random_model import build_random_pipeline
 from happyhorse_train.errors import UserInputError
 from happyhorse_train.models.happyhorse.pipeline import HappyHorsePipeline
 from happyhorse_train.models.happyhorse.transformer import HappyHorseTransformer3DModel

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
+from happyhorse_train.models.backbones import get_spec
 from happyhorse_train.models.happyhorse import HappyHorseTransformer3DModel
-from happyhorse_train.models.spec import get_spec
 
 
 def trained_weights(model_dir) -> tuple[torch.nn.Module, dict]:

@@ -50,7 +50,9 @@ def test_inference_benchmark_guided_batch_equals_two_forwards(tmp_path):
 def test_numerics_check_notices_a_different_step():
     bench = _bench()
     textbook = bench.baseline_loss
-    bench.baseline_loss = lambda model, x0, noise, sigma, text, device: textbook(model, x0, noise, sigma * 1.01, text, device)
+    bench.baseline_loss = lambda model, x0, noise, sigma, text, device: textbook(
+        model, x0, noise, sigma * 1.01, text, device
+    )
     result = bench.numerics_check(preset="tiny", size=(144, 96, 17), mode="lora", rank=8, device="cpu")
     assert result["grad_max_rel_diff"] > 1e-3
 

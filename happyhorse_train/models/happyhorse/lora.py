@@ -16,8 +16,7 @@ import torch
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, LoraBaseMixin
 
 from happyhorse_train.errors import UserInputError
-from happyhorse_train.models.lora_formats import check_lora_matches
-from happyhorse_train.models.spec import LORA_WEIGHT_NAME
+from happyhorse_train.models.lora_formats import LORA_WEIGHT_NAME, check_lora_matches
 
 
 def resolve_lora_file(path: str | Path, weight_name: str | None = None) -> Path:
@@ -78,7 +77,8 @@ class HappyHorseLoraLoaderMixin(LoraBaseMixin):
             else str(pretrained_model_name_or_path_or_dict)
         )
         state_dict, metadata = self.lora_state_dict(
-            pretrained_model_name_or_path_or_dict, weight_name=kwargs.pop("weight_name", None), return_lora_metadata=True
+            pretrained_model_name_or_path_or_dict, weight_name=kwargs.pop("weight_name", None),
+            return_lora_metadata=True,
         )
         transformer = getattr(self, self.transformer_name)
         check_lora_matches(state_dict, transformer, source)

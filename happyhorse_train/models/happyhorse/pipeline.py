@@ -15,9 +15,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from happyhorse_train.errors import UserInputError
 from happyhorse_train.models.geometry import video_latent_shape
-from happyhorse_train.models.latent_space import denormalize_latents
 from happyhorse_train.models.happyhorse.lora import HappyHorseLoraLoaderMixin
 from happyhorse_train.models.happyhorse.transformer import HappyHorseTransformer3DModel
+from happyhorse_train.models.latent_space import denormalize_latents
 
 
 @dataclass
@@ -114,12 +114,14 @@ class HappyHorsePipeline(DiffusionPipeline, HappyHorseLoraLoaderMixin):
         device = self._execution_device
         do_cfg = guidance_scale > 1.0
         # With guidance, conditional and unconditional halves run as one batch: one transformer call per step.
-        text_states, text_mask = self.encode_prompt(prompts + negatives if do_cfg else prompts, max_sequence_length, device)
+        texts = prompts + negatives if do_cfg else prompts
+        text_states, text_mask = self.encode_prompt(texts, max_sequence_length, device)
         if bool(text_mask.all()):  # nothing padded (one read, before the loop): attention runs without a mask
             text_mask = None
 
         if latents is None:
-            latents = randn_tensor((len(prompts), *latent_shape), generator=generator, device=device, dtype=torch.float32)
+            shape = (len(prompts), *latent_shape)
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         latents = latents.to(device=device, dtype=torch.float32)
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)

@@ -5,10 +5,9 @@ from __future__ import annotations
 from happyhorse_train.models.happyhorse.clip_encoder import HappyHorseClipEncoder
 from happyhorse_train.models.happyhorse.pipeline import HappyHorsePipeline
 from happyhorse_train.models.happyhorse.transformer import HappyHorseTransformer3DModel
-from happyhorse_train.models.spec import ModelSpec, register_backbone
+from happyhorse_train.models.spec import ModelSpec
 
 
-@register_backbone
 class HappyHorseSpec(ModelSpec):
     name = "happyhorse"
     pipeline_class = HappyHorsePipeline

@@ -54,9 +54,7 @@ class RotaryEmbedding3D(nn.Module):
         self, num_text_tokens: int, grid: tuple[int, int, int], device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
         t, h, w = grid
-        tt, hh, ww = torch.meshgrid(
-            torch.arange(t, device=device), torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij"
-        )
+        tt, hh, ww = torch.meshgrid(*(torch.arange(n, device=device) for n in (t, h, w)), indexing="ij")
         text_pos = -1 - torch.arange(num_text_tokens, device=device)
         positions = [torch.cat([text_pos, axis.flatten()]) for axis in (tt, hh, ww)]
         angles = torch.cat([self._axis_angles(p, d) for p, d in zip(positions, self.axes_dim)], dim=-1)
@@ -296,7 +294,9 @@ class HappyHorseTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
         for block in self.blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = self._gradient_checkpointing_func(block, x, time_modulation, rope_cos, rope_sin, attn_mask, num_text)
+                x = self._gradient_checkpointing_func(
+                    block, x, time_modulation, rope_cos, rope_sin, attn_mask, num_text
+                )
             else:
                 x = block(x, time_modulation, rope_cos, rope_sin, attn_mask, num_text)
 

@@ -3,10 +3,17 @@ setting that fits)."""
 
 from __future__ import annotations
 
+import functools
+import itertools
 from dataclasses import dataclass, field, replace
 
+import yaml
+
+from happyhorse_train.combinations import Engine, combination_problems
+from happyhorse_train.config import TrainConfig
 from happyhorse_train.errors import UserInputError
-from happyhorse_train.memory.planner.assumptions import (
+from happyhorse_train.models.presets import CONFIG_DIR, load_preset
+from happyhorse_train.planner.assumptions import (
     ACCELERATE_CONFIGS,
     BACKWARD_TRANSIENT_COPIES,
     BASE_FORMATS,
@@ -24,10 +31,10 @@ from happyhorse_train.memory.planner.assumptions import (
     PREFETCHED_BLOCKS,
     GiB,
 )
-from happyhorse_train.memory.planner.facts import ModelFacts, model_facts
-from happyhorse_train.memory.planner.measure import ActivationProfile, measure_activations
-from happyhorse_train.memory.planner.request import PlanRequest, latent_shape
-from happyhorse_train.models.presets import load_preset
+from happyhorse_train.planner.facts import ModelFacts, model_facts
+from happyhorse_train.planner.measure import ActivationProfile, measure_activations
+from happyhorse_train.planner.request import PlanRequest, latent_shape
+from happyhorse_train.training.distributed import accelerate_config_engine
 
 
 # --- candidate settings and their estimates --------------------------------------------------------------
@@ -55,14 +62,35 @@ class Setting:
 
     def changed_overrides(self) -> list[str]:
         """The overrides that differ from the defaults (what the table shows)."""
-        defaults = Setting().overrides()
-        changed = [o for o, d in zip(self.overrides(), defaults) if o != d]
+        changed = [o for o, d in zip(self.overrides(), Setting().overrides()) if o != d]
         if self.accelerate_config:
             changed.append(f"[{self.accelerate_config}]")
         return changed
 
     def accelerate_file(self) -> str | None:
         return f"configs/accelerate/{self.accelerate_config}.yaml" if self.accelerate_config else None
+
+    def engine(self) -> Engine:  # what train.py's strategy for its accelerate config does (training/distributed.py)
+        return _engine(self.accelerate_config or "single_gpu")
+
+    def train_config(self, mode: str) -> TrainConfig:
+        """train.py's config as this setting's override line leaves it, over the schema's defaults (a dataclass:
+        OmegaConf's merge would cost more than the estimates)."""
+        cfg = TrainConfig()
+        for key, _, value in (override.partition("=") for override in [f"trainer.mode={mode}", *self.overrides()]):
+            group, name = key.split(".")
+            setattr(getattr(cfg, group), name, yaml.safe_load(value))  # as Hydra parses it: true, 22, nf4
+        return cfg
+
+
+@functools.cache
+def _engine(accelerate_config: str) -> Engine:
+    return accelerate_config_engine(CONFIG_DIR / "accelerate" / f"{accelerate_config}.yaml")
+
+
+def train_py_takes(mode: str, setting: Setting) -> bool:
+    """Whether train.py's own checks (combinations.py) accept `setting` for a `mode` run."""
+    return not combination_problems(setting.train_config(mode), setting.engine())
 
 
 @dataclass
@@ -136,10 +164,9 @@ class Layout:
 
 
 def _layout(request: PlanRequest, setting: Setting, facts: ModelFacts) -> Layout:
-    config = setting.accelerate_config or "single"
-    if config.startswith("deepspeed"):
+    if setting.engine().steps_inside_backward:  # DeepSpeed: its own fp32 master copy, partitioned
         return _deepspeed_layout(request, setting, facts)
-    if config == "fsdp":
+    if setting.engine().shards_weights:
         return _fsdp_layout(request, setting, facts)
     return _replicated_layout(request, setting, facts)
 
@@ -149,7 +176,7 @@ def _replicated_layout(request: PlanRequest, setting: Setting, facts: ModelFacts
     trainable = facts.trainable_params
     states = OPTIMIZER_STATE_BYTES[setting.optimizer] * trainable
     step_temp = OPTIMIZER_STEP_TEMP_BYTES[setting.optimizer] * trainable
-    ddp_buckets = 4 * trainable if setting.accelerate_config == "multi_gpu" else 0
+    ddp_buckets = 4 * trainable if setting.accelerate_config else 0  # several processes, replicated: DDP
     if request.mode == "full":  # fp32 master weights trained in place, bf16 compute through autocast
         return Layout(weights=4 * trainable, grads=4 * trainable, states=states, step_temp=step_temp,
                       comm_buffers=ddp_buckets, autocast_copies=2 * trainable)
@@ -161,21 +188,18 @@ def _replicated_layout(request: PlanRequest, setting: Setting, facts: ModelFacts
 
 def _deepspeed_layout(request: PlanRequest, setting: Setting, facts: ModelFacts) -> Layout:
     """DeepSpeed's bf16 mode: bf16 model weights; the fp32 master copy, gradients and Adam states partitioned."""
-    n, trainable = request.num_gpus, facts.trainable_params
+    n, trainable, full = request.num_gpus, facts.trainable_params, request.mode == "full"
     state_bytes = OPTIMIZER_STATE_BYTES[setting.optimizer]
-    if request.mode == "full":
-        model_bf16 = 2 * facts.total_params
-    else:
-        model_bf16 = facts.base_bytes(setting.base_weights) + 2 * trainable
+    model_bf16 = 2 * facts.total_params if full else facts.base_bytes(setting.base_weights) + 2 * trainable
     gathered = PREFETCHED_BLOCKS * max(b["bf16"] for b in facts.block_bytes)
     partitioned = dict(master=4 * trainable // n, grads=4 * trainable // n, states=state_bytes * trainable // n,
                        whole_model_before_sharding=_stored_model_bytes(request, facts))
-    if setting.accelerate_config == "deepspeed_zero2":
-        weights = 2 * facts.total_params if request.mode == "full" else _resident_base(facts, setting) + 2 * trainable
+    if not setting.engine().shards_weights:  # ZeRO-2
+        weights = 2 * facts.total_params if full else _resident_base(facts, setting) + 2 * trainable
         swapped = _swapped_bytes(facts, setting)
         return Layout(weights=weights, comm_buffers=DEEPSPEED_BUCKET_BYTES, host_pinned_per_process=swapped,
                       host_transfer_per_pass=swapped, **partitioned)
-    if setting.accelerate_config == "deepspeed_zero3":
+    if not setting.engine().offloads_to_host:
         return Layout(weights=model_bf16 // n + gathered, comm_buffers=DEEPSPEED_BUCKET_BYTES, **partitioned)
     # ZeRO-3 offload: weights, master copy, gradients and states in host RAM; the GPU holds the gathered blocks.
     return Layout(weights=gathered, comm_buffers=DEEPSPEED_BUCKET_BYTES,
@@ -204,17 +228,10 @@ def _stored_model_bytes(request: PlanRequest, facts: ModelFacts) -> int:
     return 4 * facts.trainable_params + (0 if request.mode == "full" else facts.base_bytes("bf16"))
 
 
-def _kept_attention_bytes(setting: Setting, profile: ActivationProfile) -> int:
-    return profile.attention_outputs * setting.saved_attention_blocks // profile.num_blocks
-
-
-def _swapped_blocks(facts: ModelFacts, setting: Setting) -> list[dict[str, int]]:
-    # Conservative: the smallest blocks are the ones swapped (least memory saved).
-    return sorted(facts.block_bytes, key=lambda b: b["bf16"])[: setting.blocks_to_swap]
-
-
 def _swapped_bytes(facts: ModelFacts, setting: Setting) -> int:
-    return sum(b[setting.base_weights] for b in _swapped_blocks(facts, setting))
+    # Conservative: the smallest blocks are the ones swapped (least memory saved).
+    swapped = sorted(facts.block_bytes, key=lambda b: b["bf16"])[: setting.blocks_to_swap]
+    return sum(b[setting.base_weights] for b in swapped)
 
 
 def _resident_base(facts: ModelFacts, setting: Setting) -> int:
@@ -244,7 +261,7 @@ def _activation_moments(setting: Setting, profile: ActivationProfile, layout: La
             kept = profile.shared_block_inputs() + PREFETCHED_BLOCKS * -(-profile.hidden_states() // profile.num_blocks)
         last_kept, recompute = one_boundary, max(profile.saved_per_block)
         cached_casts = layout.autocast_copies  # autocast's cache holds every weight's bf16 cast until the forward ends
-    attention = _kept_attention_bytes(setting, profile)
+    attention = profile.attention_outputs * setting.saved_attention_blocks // profile.num_blocks
     return {
         "forward end": {"activations": kept + outside, "kept attention outputs": attention,
                         "autocast weight copies": cached_casts},
@@ -256,53 +273,52 @@ def _activation_moments(setting: Setting, profile: ActivationProfile, layout: La
     }
 
 
-def _gpu_estimate(setting, profile, layout) -> tuple[str, dict[str, int]]:
-    static = {
-        "weights": layout.weights,
-        "trained fp32 weights": layout.master,
-        "optimizer states": layout.states,
-        "communication buffers": layout.comm_buffers,
-        "CUDA context": CUDA_CONTEXT_BYTES,
-    }
-    moments = {name: {**static, **terms} for name, terms in _activation_moments(setting, profile, layout).items()}
-    if layout.whole_model_before_sharding:
-        moments["loading, before sharding"] = {"whole transformer": layout.whole_model_before_sharding,
-                                               "CUDA context": CUDA_CONTEXT_BYTES}
+def _peak(moments: dict[str, dict[str, int]]) -> tuple[str, dict[str, int]]:
+    """The moment whose terms sum highest, and its non-zero terms."""
     moment = max(moments, key=lambda name: sum(moments[name].values()))
     return moment, {name: value for name, value in moments[moment].items() if value}
 
 
+def _gpu_estimate(setting, profile, layout) -> tuple[str, dict[str, int]]:
+    static = {"weights": layout.weights, "trained fp32 weights": layout.master, "optimizer states": layout.states,
+              "communication buffers": layout.comm_buffers, "CUDA context": CUDA_CONTEXT_BYTES}
+    moments = {name: {**static, **terms} for name, terms in _activation_moments(setting, profile, layout).items()}
+    if layout.whole_model_before_sharding:
+        moments["loading, before sharding"] = {"whole transformer": layout.whole_model_before_sharding,
+                                               "CUDA context": CUDA_CONTEXT_BYTES}
+    return _peak(moments)
+
+
 def _host_estimate(request, setting, facts, profile, layout) -> tuple[str, dict[str, int]]:
     processes = request.num_gpus if setting.accelerate_config else 1
-    encoder_dtype_bytes = 2 if request.mode == "lora" else 4  # the pipeline loads in the trained dtype
-    encoders = encoder_dtype_bytes * facts.text_encoder_params + 4 * facts.vae_params
-    per_process = {
-        "processes (python, torch, CUDA)": HOST_PROCESS_BYTES,
-        "text encoder + VAE parked": encoders if request.encoders_in_host_ram else 0,
-    }
+    encoders = _encoder_bytes(request, facts) if request.encoders_in_host_ram else 0
+    per_process = {"processes (python, torch, CUDA)": processes * HOST_PROCESS_BYTES,
+                   "text encoder + VAE parked": processes * encoders}
     offloaded = profile.hidden_states() if setting.offload_activations else 0
-    training = {
-        **{name: processes * value for name, value in per_process.items()},
-        "swapped blocks (pinned)": processes * layout.host_pinned_per_process,
-        "offloaded activations (pinned)": processes * offloaded,
-        "offloaded optimizer / weights": layout.host_node,
-    }
+    training = {**per_process, "swapped blocks (pinned)": processes * layout.host_pinned_per_process,
+                "offloaded activations (pinned)": processes * offloaded,
+                "offloaded optimizer / weights": layout.host_node}
     # Loading streams tensor by tensor: one tensor in flight, and a quantized base is built on the host first.
-    weight_bytes = 2 if request.mode == "lora" else 4
-    in_flight = weight_bytes * facts.largest_tensor_params
+    in_flight = _trained_dtype_bytes(request) * facts.largest_tensor_params
     quantized = facts.base_bytes(setting.base_weights) if setting.base_weights != "bf16" else 0
-    loading = {
-        **{name: processes * value for name, value in per_process.items()},
-        "loading: weights being moved": processes * (in_flight + quantized),
-    }
-    moments = {"loading": loading, "training": training}
+    moments = {"loading": {**per_process, "loading: weights being moved": processes * (in_flight + quantized)},
+               "training": training}
     # A sharded full fine-tune ends by gathering the trained model into process 0's host RAM (FSDP in float32;
     # ZeRO-3 in 16 bits); a LoRA's adapter is negligible.
-    gathered = {"fsdp": 4, "deepspeed_zero3": 2, "deepspeed_zero3_offload": 2}.get(setting.accelerate_config, 0)
+    engine = setting.engine()
+    gathered = (2 if engine.steps_inside_backward else 4) if engine.shards_weights else 0
     if request.mode == "full" and gathered:
         moments["saving"] = {**training, "final weights gathered on process 0": gathered * facts.total_params}
-    moment = max(moments, key=lambda name: sum(moments[name].values()))
-    return moment, {k: v for k, v in moments[moment].items() if v}
+    return _peak(moments)
+
+
+def _trained_dtype_bytes(request: PlanRequest) -> int:
+    return 2 if request.mode == "lora" else 4
+
+
+def _encoder_bytes(request: PlanRequest, facts: ModelFacts) -> int:
+    # The pipeline loads the text encoder in the trained dtype; the VAE stays float32.
+    return _trained_dtype_bytes(request) * facts.text_encoder_params + 4 * facts.vae_params
 
 
 def _step_time(request, setting, profile, layout, facts) -> dict[str, float]:
@@ -324,7 +340,7 @@ def _step_time(request, setting, profile, layout, facts) -> dict[str, float]:
     terms = {"compute": forward_s + backward_s, "PCIe not hidden": hidden_pcie}
     collectives_s = _collective_bytes(request, setting, facts) / INTERCONNECT_BYTES_PER_S
     terms["GPU-to-GPU not hidden"] = max(0.0, collectives_s - forward_s - backward_s)
-    if setting.accelerate_config == "deepspeed_zero3_offload":  # CPU Adam, then the new weights back up
+    if setting.engine().offloads_to_host:  # CPU Adam, then the new weights back up
         shard = facts.trainable_params / request.num_gpus
         terms["CPU optimizer step"] = shard / CPU_ADAM_PARAMS_PER_S + 2 * (2 * shard) / pcie
     return {name: value for name, value in terms.items() if value}
@@ -336,13 +352,13 @@ def _collective_bytes(request, setting, facts) -> float:
     if not setting.accelerate_config or n == 1:
         return 0.0
     ring = (n - 1) / n
-    trainable = facts.trainable_params
-    if setting.accelerate_config == "multi_gpu":
+    trainable, engine = facts.trainable_params, setting.engine()
+    if not engine.shards_optimizer_states:  # DDP
         return 2 * ring * 4 * trainable  # all-reduce of fp32 gradients
-    if setting.accelerate_config == "deepspeed_zero2":
+    if not engine.shards_weights:  # ZeRO-2
         return ring * 2 * trainable * 2  # reduce-scatter of bf16 gradients + all-gather of the updated weights
     weights = 2 * facts.total_params  # ZeRO-3 and FSDP: gather the bf16 weights for forward and for backward
-    gradient_bytes = 4 if setting.accelerate_config == "fsdp" else 2  # FSDP here reduce-scatters in fp32
+    gradient_bytes = 2 if engine.steps_inside_backward else 4  # FSDP here reduce-scatters in fp32
     return ring * (2 * weights + gradient_bytes * trainable)
 
 
@@ -350,79 +366,45 @@ def estimate(request: PlanRequest, setting: Setting, facts: ModelFacts, profile:
     layout = _layout(request, setting, facts)
     gpu_moment, gpu_terms = _gpu_estimate(setting, profile, layout)
     host_moment, host_terms = _host_estimate(request, setting, facts, profile, layout)
-    return Estimate(
-        setting=setting,
-        gpu_terms=gpu_terms,
-        gpu_peak_moment=gpu_moment,
-        host_terms=host_terms,
-        host_peak_moment=host_moment,
-        time_terms=_step_time(request, setting, profile, layout, facts),
-        gpu_budget=gpu_budget(request.gpu_memory_gib),
-        host_budget=host_budget(request.host_ram_gib),
-    )
+    return Estimate(setting=setting, gpu_terms=gpu_terms, gpu_peak_moment=gpu_moment, host_terms=host_terms,
+                    host_peak_moment=host_moment, time_terms=_step_time(request, setting, profile, layout, facts),
+                    gpu_budget=gpu_budget(request.gpu_memory_gib), host_budget=host_budget(request.host_ram_gib))
 
 
 # --- the plan --------------------------------------------------------------------------------------------
 def candidate_settings(request: PlanRequest) -> list[Setting]:
-    """Every combination worth estimating, before block swap is sized (see `plan`).
-
-    Not combined: quantized bases with a full fine-tune (it trains bf16 compute / fp32 master weights) or with
-    DeepSpeed or FSDP (train.py refuses: they shard bf16 weights); 8-bit Adam or activation offload with either
-    (DeepSpeed partitions its own fp32 states; bitsandbytes on FSDP's shards and offload under either engine's
-    hooks are untested and refused); activation offload without checkpointing (it offloads the checkpointed
-    block inputs).
-    """
+    """Every combination worth estimating that train.py takes (combinations.py), before block swap is sized
+    (see `plan`). Not weighed, though train.py takes it: 8-bit Adam for a LoRA (its states are tiny) or where the
+    engine shards the optimizer states already."""
     configs = ACCELERATE_CONFIGS if request.num_gpus > 1 else (None,)
-    formats = BASE_FORMATS if request.mode == "lora" else ("bf16",)
-    optimizers = ("adamw",) if request.mode == "lora" else tuple(OPTIMIZER_STATE_BYTES)  # LoRA states are tiny
-    activation_modes = ((False, False), (True, False), (True, True))  # (checkpointing, offload)
-    settings = []
-    for config in configs:
-        sharding = _shards_weights(config)
-        for base in formats:
-            if base != "bf16" and sharding:
-                continue
-            for optimizer in optimizers:
-                if optimizer != "adamw" and sharding:
-                    continue
-                for checkpointing, offload in activation_modes:
-                    if offload and sharding:
-                        continue
-                    settings.append(Setting(base, checkpointing, offload, 0, optimizer, config))
-    return settings
+    optimizers = ("adamw",) if request.mode == "lora" else tuple(OPTIMIZER_STATE_BYTES)
+    every = itertools.product(configs, BASE_FORMATS, optimizers, (False, True), (False, True))
+    settings = [Setting(base, checkpointing, offload, 0, optimizer, config)
+                for config, base, optimizer, checkpointing, offload in every]
+    return [s for s in settings if train_py_takes(request.mode, s)
+            and not (s.optimizer != "adamw" and s.engine().shards_optimizer_states)]
 
 
-def _shards_weights(config: str | None) -> bool:
-    return bool(config and (config.startswith("deepspeed") or config == "fsdp"))
+def swap_variants(request: PlanRequest, setting: Setting, num_blocks: int) -> list[Setting]:
+    """The block-swap settings `plan` tries for `setting`, fewest swapped blocks first; none for bitsandbytes'
+    int8 / nf4 bases, whose state beside .data keeps them in place (memory/offload.py): swapping saves nothing."""
+    if setting.base_weights in ("int8", "nf4") or not train_py_takes(request.mode, replace(setting, blocks_to_swap=1)):
+        return []
+    return [replace(setting, blocks_to_swap=blocks) for blocks in range(1, num_blocks + 1)]
 
 
-def _can_swap(request: PlanRequest, setting: Setting) -> bool:
-    # Block swap streams plain frozen tensors: not a full fine-tune's trained weights, not bitsandbytes' int8 /
-    # nf4 tensors (their state lives beside .data; memory/offload.py leaves them in place), and not under
-    # DeepSpeed or FSDP (train.py refuses it there: they shard instead).
-    return (request.mode == "lora" and setting.base_weights not in ("int8", "nf4")
-            and setting.accelerate_config in (None, "multi_gpu"))
+def kept_attention_variants(request: PlanRequest, setting: Setting, num_blocks: int) -> list[Setting]:
+    """The kept-attention settings `plan` tries for `setting`, most kept blocks first."""
+    if not train_py_takes(request.mode, replace(setting, saved_attention_blocks=1)):
+        return []
+    return [replace(setting, saved_attention_blocks=blocks) for blocks in range(num_blocks, 0, -1)]
 
 
-def _can_keep_attention(setting: Setting) -> bool:
-    # train.py takes it with plain checkpointing only, and refuses it under DeepSpeed (untested there; FSDP takes it).
-    deepspeed = bool(setting.accelerate_config and setting.accelerate_config.startswith("deepspeed"))
-    return setting.gradient_checkpointing and not setting.offload_activations and not deepspeed
-
-
-def _most_attention_kept_that_fits(request, setting, facts, profile) -> Estimate | None:
-    for blocks in range(facts.num_blocks, 0, -1):
-        kept = estimate(request, replace(setting, saved_attention_blocks=blocks), facts, profile)
-        if kept.fits:
-            return kept
-    return None
-
-
-def _smallest_swap_that_fits(request, setting, facts, profile) -> Estimate | None:
-    for blocks in range(1, facts.num_blocks + 1):
-        swapped = estimate(request, replace(setting, blocks_to_swap=blocks), facts, profile)
-        if swapped.fits_gpu:
-            return swapped
+def _first_that_fits(request, variants, facts, profile, gpu_only: bool = False) -> Estimate | None:
+    for variant in variants:
+        candidate = estimate(request, variant, facts, profile)
+        if candidate.fits_gpu if gpu_only else candidate.fits:
+            return candidate
     return None
 
 
@@ -464,21 +446,20 @@ def plan(request: PlanRequest) -> Plan:
         raise UserInputError(f"LoRA rank {request.lora_rank} must be at least 1")
     latent_shape(preset, request.width, request.height, request.frames)  # a bad size fails here, before any work
     facts = model_facts(preset, request.lora_rank)
-    profile = measure_activations(
-        preset, request.width, request.height, request.frames,
-        request.batch_size, request.lora_rank, request.text_tokens,
-    )
+    profile = measure_activations(preset, request.width, request.height, request.frames, request.batch_size,
+                                  request.lora_rank, request.text_tokens)
     estimates = []
     for setting in candidate_settings(request):
         plain = estimate(request, setting, facts, profile)
         estimates.append(plain)
-        if not plain.fits_gpu and _can_swap(request, setting):
-            swapped = _smallest_swap_that_fits(request, setting, facts, profile)
+        if not plain.fits_gpu:
+            swapped = _first_that_fits(request, swap_variants(request, setting, facts.num_blocks), facts, profile, True)
             if swapped is not None:
                 estimates.append(swapped)
                 plain = swapped
-        if plain.fits and _can_keep_attention(plain.setting):
-            kept = _most_attention_kept_that_fits(request, plain.setting, facts, profile)
+        if plain.fits:
+            kept = _first_that_fits(request, kept_attention_variants(request, plain.setting, facts.num_blocks), facts,
+                                    profile)
             if kept is not None:
                 estimates.append(kept)
     estimates.sort(key=_rank)
@@ -486,11 +467,10 @@ def plan(request: PlanRequest) -> Plan:
 
 
 def _notes(request: PlanRequest, facts: ModelFacts) -> list[str]:
-    encoders = (facts.text_encoder_params * (2 if request.mode == "lora" else 4) + 4 * facts.vae_params) / GiB
+    where = "freed after caching, not counted"
     if request.encoders_in_host_ram:
+        encoders = _encoder_bytes(request, facts) / GiB
         where = f"kept in host RAM for validation renders: {encoders:.1f} GiB per process, counted"
-    else:
-        where = "freed after caching, not counted"
     return [
         "Latents and text states are cached before training, so the text encoder and VAE are assumed off the GPU "
         f"while training ({where}).",
@@ -498,9 +478,8 @@ def _notes(request: PlanRequest, facts: ModelFacts) -> list[str]:
         f"{GPU_MARGIN_MIN_BYTES / GiB:.1f} GiB) free; host RAM keeps {HOST_MARGIN_FRACTION:.0%} free. "
         f"CUDA context and allocator overhead is counted as {CUDA_CONTEXT_BYTES / GiB:.2f} GiB.",
         "Activations are measured (meta-device forward, flash-like attention, bf16 autocast emulated). Step times are "
-        "relative "
-        f"estimates at an assumed {request.tflops:.0f} TFLOP/s and {request.pcie_gbps:.0f} GB/s PCIe; dequantization "
-        "costs (" + ", ".join(f"{k} x{v:.2f}" for k, v in DEQUANT_SLOWDOWN.items() if k != "bf16")
+        f"relative estimates at an assumed {request.tflops:.0f} TFLOP/s and {request.pcie_gbps:.0f} GB/s PCIe; "
+        "dequantization costs (" + ", ".join(f"{k} x{v:.2f}" for k, v in DEQUANT_SLOWDOWN.items() if k != "bf16")
         + ") are unmeasured guesses.",
     ]
 

@@ -12,8 +12,8 @@ import torch
 from safetensors import SafetensorError
 from tqdm import tqdm
 
-from happyhorse_train.data.cache import LatentCache, NonFiniteTensor, text_entry_key, video_entry_key
 from happyhorse_train.data.clip_rules import source_frame_indices
+from happyhorse_train.data.latent_cache import LatentCache, NonFiniteTensor, text_entry_key, video_entry_key
 from happyhorse_train.data.video import UnreadableMedia, load_clip
 from happyhorse_train.errors import RunHalted
 
@@ -50,7 +50,9 @@ def required_entries(manifest, encoder: ClipEncoder) -> tuple[dict[str, dict], d
 
 
 def _pixels(row: dict) -> torch.Tensor:
-    indices = source_frame_indices(row["start_frame"], row["num_frames"], row["source_fps"] or 1.0, row["target_fps"] or 1.0)
+    indices = source_frame_indices(
+        row["start_frame"], row["num_frames"], row["source_fps"] or 1.0, row["target_fps"] or 1.0
+    )
     return load_clip(Path(row["source"]), indices, row["bucket_height"], row["bucket_width"])
 
 
@@ -88,7 +90,12 @@ def fill_cache(
                 ) from error
             pending.clear()
 
-    bar = tqdm(total=len(missing_videos), desc=f"encoding clips (rank {rank})", unit="clip", disable=not (progress and missing_videos))
+    bar = tqdm(
+        total=len(missing_videos),
+        desc=f"encoding clips (rank {rank})",
+        unit="clip",
+        disable=not (progress and missing_videos),
+    )
     for key in missing_videos:
         row = videos[key]
         try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from happyhorse_train.memory.planner.assumptions import (
+from happyhorse_train.planner.assumptions import (
     BACKWARD_TRANSIENT_COPIES,
     CPU_ADAM_PARAMS_PER_S,
     CUDA_CONTEXT_BYTES,
@@ -17,17 +17,15 @@ from happyhorse_train.memory.planner.assumptions import (
     INTERCONNECT_BYTES_PER_S,
     GiB,
 )
-from happyhorse_train.memory.planner.estimates import Estimate, Plan, gpu_budget, host_budget
-from happyhorse_train.memory.planner.request import PlanRequest
+from happyhorse_train.planner.estimates import Estimate, Plan, gpu_budget, host_budget
+from happyhorse_train.planner.request import PlanRequest
 
 
-# --- output ----------------------------------------------------------------------------------------------
 def render_plan(result: Plan) -> str:
     request, facts, profile = result.request, result.facts, result.profile
     boundary_per_token = profile.boundary_per_block() / (profile.batch_size * profile.sequence_tokens)
-    what = "full fine-tune"
-    if request.mode == "lora":
-        what = f"LoRA r={request.lora_rank} ({facts.lora_params / 1e6:.1f}M trained)"
+    lora = f"LoRA r={request.lora_rank} ({facts.lora_params / 1e6:.1f}M trained)"
+    what = lora if request.mode == "lora" else "full fine-tune"
     lines = [
         f"{facts.preset} ({facts.backbone}, {facts.total_params / 1e9:.2f}B parameters, {facts.num_blocks} blocks), "
         f"{request.width}x{request.height}x{request.frames}: {profile.video_tokens:,} video + "
@@ -38,8 +36,8 @@ def render_plan(result: Plan) -> str:
         f"activations (measured): {profile.per_token_per_block() / 1024:.1f} KiB per token per block without "
         f"checkpointing, {boundary_per_token / 1024:.1f} KiB per token per block of checkpointed block inputs",
         "",
+        f"settings are shown as overrides of the defaults ({DEFAULT_SETTING_NOTE}); [name]: accelerate config",
     ]
-    lines.append(f"settings are shown as overrides of the defaults ({DEFAULT_SETTING_NOTE}); [name]: accelerate config")
     header = ("setting overrides", "peak GPU GiB", "host RAM GiB", "step s", "fits?")
     rows = [
         (" ".join(e.setting.changed_overrides()) or "(defaults)", f"{e.gpu_peak / GiB:.1f}", f"{e.host_peak / GiB:.1f}",
@@ -50,12 +48,7 @@ def render_plan(result: Plan) -> str:
     for row in [header, tuple("-" * w for w in widths), *rows]:
         cells = [str(c).ljust(w) if i in (0, 4) else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
         lines.append(" | ".join(cells).rstrip())
-    lines.append("")
-    pick = result.pick
-    if pick is None:
-        lines.append(result.why_nothing_fits())
-    else:
-        lines += _render_pick(request, pick)
+    lines += ["", result.why_nothing_fits()] if result.pick is None else ["", *_render_pick(request, result.pick)]
     lines += ["", *("note: " + n for n in result.notes)]
     return "\n".join(lines) + "\n"
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from happyhorse_train.memory.checkpointing import ATTENTION_OPS, BlockCheckpointing
 from happyhorse_train.memory.offload import repeated_blocks
+from happyhorse_train.memory.recompute import ATTENTION_OPS, BlockCheckpointing
+from happyhorse_train.models.backbones import get_spec
 from happyhorse_train.models.presets import CONFIG_DIR
-from happyhorse_train.models.spec import get_spec
 from happyhorse_train.training.adapters import make_trainable
 from tests.op_count import OpCount
 from tests.unit.test_transformer import tiny_inputs, tiny_transformer
@@ -29,7 +29,8 @@ def lora_model():
 
 def gradients_and_kernel_count(saved_attention_blocks: int):
     model = lora_model()
-    model.enable_gradient_checkpointing(BlockCheckpointing(repeated_blocks(model), saved_attention_blocks, compiled=False))
+    checkpointing = BlockCheckpointing(repeated_blocks(model), saved_attention_blocks, compiled=False)
+    model.enable_gradient_checkpointing(checkpointing)
     latents, text, timestep = tiny_inputs()
     with OpCount(ATTENTION_OPS) as counter:
         model(latents, text, timestep).sample.square().mean().backward()

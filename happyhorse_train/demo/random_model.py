@@ -12,8 +12,8 @@ from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
+from happyhorse_train.models.backbones import get_spec
 from happyhorse_train.models.presets import load_preset
-from happyhorse_train.models.spec import get_spec
 
 # The tokenizer learns its merges from these words; byte-level BPE still encodes any text at all.
 TOKENIZER_CORPUS = [
@@ -70,9 +70,8 @@ def build_random_pipeline(preset: dict | str, seed: int = 0):
     z_dim = preset["vae"].get("z_dim", 16)
     vae = AutoencoderKLWan(**preset["vae"], latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim)
     _like_a_trained_vae(vae, z_dim)
-    text_config = UMT5Config(
-        **{**preset["text_encoder"], "vocab_size": len(tokenizer)}, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0
-    )
+    text_config = UMT5Config(**{**preset["text_encoder"], "vocab_size": len(tokenizer)}, pad_token_id=0,
+                             eos_token_id=1, decoder_start_token_id=0)
     spec = get_spec(preset["backbone"])
     return spec.pipeline_class(
         transformer=spec.transformer_class(**preset["transformer"]).eval(),
@@ -83,7 +82,7 @@ def build_random_pipeline(preset: dict | str, seed: int = 0):
     )
 
 
-def write_random_checkpoint(out_dir: str | Path, preset: dict | str = "tiny", seed: int = 0) -> Path:
+def write_random_model(out_dir: str | Path, preset: dict | str = "tiny", seed: int = 0) -> Path:
     out_dir = Path(out_dir)
     build_random_pipeline(preset, seed).save_pretrained(out_dir)
     return out_dir

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from dataclasses import dataclass
 
 import torch
+from omegaconf import OmegaConf
 
-from happyhorse_train.memory.planner.assumptions import BASE_FORMATS, COMPUTE_DTYPE, FP8_SCALE_BLOCK, NF4_BLOCK
-from happyhorse_train.models.presets import load_preset
-from happyhorse_train.models.spec import get_spec
 from happyhorse_train.memory.offload import repeated_blocks
-from happyhorse_train.training.adapters import skip_lora_input_casts
+from happyhorse_train.models.backbones import get_spec
+from happyhorse_train.models.presets import CONFIG_DIR, load_preset
+from happyhorse_train.planner.assumptions import BASE_FORMATS, COMPUTE_DTYPE, FP8_SCALE_BLOCK, NF4_BLOCK
+from happyhorse_train.training.adapters import make_trainable
 
 
 @contextlib.contextmanager
@@ -25,21 +27,13 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
-def meta_transformer(preset: dict, lora_rank: int | None = None, dtype: torch.dtype = COMPUTE_DTYPE):
-    """The preset's transformer on the meta device, its weights in `dtype`, with a peft LoRA when given a rank.
-
-    Built in `dtype` directly rather than cast: the same tensors, without diffusers' warning about `.to()`.
-    """
-    import peft
-
+def meta_transformer(preset: dict, dtype: torch.dtype = COMPUTE_DTYPE):
+    """The preset's transformer on the meta device, its weights in `dtype` as diffusers loads them. (model, spec)
+    Built in `dtype` directly rather than cast: the same tensors, without diffusers' warning about `.to()`."""
     spec = get_spec(preset["backbone"])
     with torch.device("meta"), _default_dtype(dtype):
         model = spec.transformer_class(**preset["transformer"])
         _keep_in_fp32_as_loaded(model)
-        model.requires_grad_(lora_rank is None)
-        if lora_rank is not None:
-            config = peft.LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=spec.default_lora_targets)
-            model.add_adapter(config)
     return model, spec
 
 
@@ -53,13 +47,16 @@ def _keep_in_fp32_as_loaded(model: torch.nn.Module) -> None:
 
 
 def meta_training_transformer(preset: dict, lora_rank: int | None) -> torch.nn.Module:
-    """The transformer on the meta device in the state the trainer trains it (training/adapters.py): a LoRA's
-    frozen base in bf16 and its adapters in fp32; for a full fine-tune, every weight fp32 and trainable."""
-    model, _ = meta_transformer(preset, lora_rank, COMPUTE_DTYPE if lora_rank is not None else torch.float32)
-    for param in model.parameters():
-        if param.requires_grad:
-            param.data = param.data.float()
-    skip_lora_input_casts(model)
+    """The transformer on the meta device as the trainer loads it (bf16 for a LoRA, fp32 for a full fine-tune) and
+    made trainable by the trainer's own `make_trainable`, with train.py's LoRA defaults at `lora_rank`."""
+    model, spec = meta_transformer(preset, COMPUTE_DTYPE if lora_rank is not None else torch.float32)
+    lora = OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "lora" / "default.yaml"), {"rank": lora_rank or 1})
+    logging.disable(logging.WARNING)  # diffusers' `.to(float32)` warns of fp32 modules, in a model built float32
+    try:
+        with torch.device("meta"):  # the adapters too
+            make_trainable(model, "lora" if lora_rank else "full", lora, spec.default_lora_targets, COMPUTE_DTYPE)
+    finally:
+        logging.disable(logging.NOTSET)
     return model.train()
 
 
@@ -81,17 +78,12 @@ def quantized_linear_bytes(base_format: str, out_features: int, in_features: int
 
 def block_bytes_by_format(block: torch.nn.Module) -> dict[str, int]:
     """A block's weight bytes for each base format: its Linear weights quantized, everything else bf16."""
-    linear_weights = {id(m.weight): m for m in block.modules() if type(m) is torch.nn.Linear}
-    result = {}
-    for base_format in BASE_FORMATS:
-        total = 0
-        for param in block.parameters():
-            if id(param) in linear_weights:
-                total += quantized_linear_bytes(base_format, *param.shape)
-            else:
-                total += 2 * param.numel()
-        result[base_format] = total
-    return result
+    linear_weights = {id(m.weight) for m in block.modules() if type(m) is torch.nn.Linear}
+    return {
+        base_format: sum(quantized_linear_bytes(base_format, *p.shape) if id(p) in linear_weights else 2 * p.numel()
+                         for p in block.parameters())
+        for base_format in BASE_FORMATS
+    }
 
 
 @dataclass
@@ -128,23 +120,22 @@ class ModelFacts:
 def model_facts(preset: dict, lora_rank: int | None) -> ModelFacts:
     model, _ = meta_transformer(preset)
     blocks = repeated_blocks(model)
-    total = sum(p.numel() for p in model.parameters())
     lora_params = 0
     if lora_rank is not None:
-        with_lora, _ = meta_transformer(preset, lora_rank)
+        with_lora = meta_training_transformer(preset, lora_rank)
         lora_params = sum(p.numel() for p in with_lora.parameters() if p.requires_grad)
     text_encoder, vae = meta_encoders(preset)
     return ModelFacts(
-        preset=preset.get("preset", "custom"),
-        backbone=preset["backbone"],
-        total_params=total,
-        lora_params=lora_params,
-        block_params=[sum(p.numel() for p in b.parameters()) for b in blocks],
+        preset=preset.get("preset", "custom"), backbone=preset["backbone"], total_params=_params(model),
+        lora_params=lora_params, block_params=[_params(b) for b in blocks],
         block_bytes=[block_bytes_by_format(b) for b in blocks],
         largest_tensor_params=max(p.numel() for p in model.parameters()),
-        text_encoder_params=sum(p.numel() for p in text_encoder.parameters()),
-        vae_params=sum(p.numel() for p in vae.parameters()),
+        text_encoder_params=_params(text_encoder), vae_params=_params(vae),
     )
+
+
+def _params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
 
 
 def meta_encoders(preset: dict):

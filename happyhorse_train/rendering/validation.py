@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from happyhorse_train.evaluation.videos import render_prompts, save_videos
+from happyhorse_train.rendering.videos import render_prompts, save_videos
 
 
 @torch.no_grad()

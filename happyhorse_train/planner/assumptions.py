@@ -9,7 +9,6 @@ from happyhorse_train.memory.quantize import FP8_BLOCK_SIZE as FP8_SCALE_BLOCK  
 
 GiB = 2**30
 
-# --- assumptions: each stands in for a measurement we do not have yet ---------------------------------
 COMPUTE_DTYPE = torch.bfloat16  # training compute precision (trainer.mixed_precision=bf16)
 # CUDA context, cuBLAS/cuDNN workspaces and allocator slack before the first tensor: 0.5-1 GiB on recent drivers.
 CUDA_CONTEXT_BYTES = int(0.75 * GiB)

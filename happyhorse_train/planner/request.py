@@ -7,10 +7,9 @@ from types import SimpleNamespace
 
 from happyhorse_train.errors import UserInputError
 from happyhorse_train.models.geometry import video_latent_shape
-from happyhorse_train.memory.planner.assumptions import ACHIEVED_FLOPS, PCIE_BYTES_PER_S, VAE_FACTORS_BY_LATENT_CHANNELS
+from happyhorse_train.planner.assumptions import ACHIEVED_FLOPS, PCIE_BYTES_PER_S, VAE_FACTORS_BY_LATENT_CHANNELS
 
 
-# --- the request and the model ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PlanRequest:
     preset: str  # a configs/model/*.yaml name, or a path to one
@@ -54,4 +53,3 @@ def latent_shape(preset: dict, width: int, height: int, frames: int) -> tuple[in
         transformer=SimpleNamespace(config=SimpleNamespace(patch_size=transformer["patch_size"], in_channels=channels)),
     )
     return video_latent_shape(pipe_like, height, width, frames)
-

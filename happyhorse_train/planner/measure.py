@@ -16,14 +16,14 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from happyhorse_train.memory.planner.assumptions import COMPUTE_DTYPE
 from happyhorse_train.memory.offload import repeated_blocks
-from happyhorse_train.memory.planner.facts import meta_encoders, meta_training_transformer, meta_transformer
-from happyhorse_train.memory.planner.request import latent_shape
 from happyhorse_train.models import attention as attention_hook
+from happyhorse_train.models.backbones import get_spec
 from happyhorse_train.models.fused_linear import emulated_autocast
 from happyhorse_train.models.presets import load_preset
-from happyhorse_train.models.spec import get_spec
+from happyhorse_train.planner.assumptions import COMPUTE_DTYPE
+from happyhorse_train.planner.facts import meta_encoders, meta_training_transformer, meta_transformer
+from happyhorse_train.planner.request import latent_shape
 
 
 # --- attention that saves what a flash kernel saves --------------------------------------------------------
@@ -43,7 +43,9 @@ class FlashLikeAttention(torch.autograd.Function):
             out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
             lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
         else:
-            probs, lse = _attention_probs(q, _expand_heads(k, q), key_mask, scale)
+            scores = _attention_scores(q, _expand_heads(k, q), key_mask, scale)
+            lse = scores.logsumexp(-1)
+            probs = torch.exp(scores - lse.unsqueeze(-1))  # float32 for 16-bit inputs, as flash keeps it
             out = (probs @ _expand_heads(v, q).to(probs.dtype)).to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         _ATTENTION_OUTPUT_BYTES[0] += out.numel() * out.element_size() + lse.numel() * lse.element_size()
@@ -57,9 +59,7 @@ class FlashLikeAttention(torch.autograd.Function):
         math_dtype = _math_dtype(q)
         q_math = q.to(math_dtype)
         k_full, v_full = _expand_heads(k, q).to(math_dtype), _expand_heads(v, q).to(math_dtype)
-        scores = (q_math @ k_full.transpose(-1, -2)) * ctx.scale
-        if ctx.key_mask is not None:
-            scores = scores.masked_fill(~ctx.key_mask, float("-inf"))
+        scores = _attention_scores(q_math, k_full, ctx.key_mask, ctx.scale)
         probs = torch.exp(scores - lse.to(math_dtype).unsqueeze(-1))  # from the saved log-sum-exp, as flash does
         grad_out = grad_out.to(math_dtype)
         grad_v = probs.transpose(-1, -2) @ grad_out
@@ -89,13 +89,10 @@ def _math_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.promote_types(q.dtype, torch.float32)  # at least float32, as the kernels accumulate
 
 
-def _attention_probs(q, k_full, key_mask, scale):
+def _attention_scores(q, k_full, key_mask, scale):
     math_dtype = _math_dtype(q)
     scores = (q.to(math_dtype) @ k_full.to(math_dtype).transpose(-1, -2)) * scale
-    if key_mask is not None:
-        scores = scores.masked_fill(~key_mask, float("-inf"))
-    lse = scores.logsumexp(-1)
-    return torch.exp(scores - lse.unsqueeze(-1)), lse  # float32 for 16-bit inputs, as flash keeps it
+    return scores if key_mask is None else scores.masked_fill(~key_mask, float("-inf"))
 
 
 def flash_like_attention_fn(query, key, value, attn_mask=None):
@@ -141,10 +138,8 @@ def flash_like_attention():
 
 # --- autocast on any device --------------------------------------------------------------------------------
 # The ops torch.autocast runs in bf16 (its "lower precision" list) that these models use.
-_AUTOCAST_LOWER_PRECISION = {
-    F.linear, F.conv1d, F.conv2d, F.conv3d, torch.matmul, torch.mm, torch.bmm, torch.Tensor.matmul,
-    torch.Tensor.__matmul__,
-}
+_AUTOCAST_LOWER_PRECISION = {F.linear, F.conv1d, F.conv2d, F.conv3d, torch.matmul, torch.mm, torch.bmm,
+                             torch.Tensor.matmul, torch.Tensor.__matmul__}
 
 
 class EmulatedAutocast(TorchFunctionMode):
@@ -210,11 +205,8 @@ class SavedTensorLedger:
     def bytes_in(self, scope) -> int:
         return sum(self.unique[scope].values())
 
-    def total_bytes(self) -> int:
-        every = {}
-        for storages in self.unique.values():
-            every.update(storages)
-        return sum(every.values())
+    def total_bytes(self) -> int:  # a storage saved in several scopes counts once
+        return sum({key: nbytes for storages in self.unique.values() for key, nbytes in storages.items()}.values())
 
     @contextlib.contextmanager
     def recording(self, blocks: list[torch.nn.Module]):
@@ -232,8 +224,7 @@ class SavedTensorLedger:
 
 
 def _storage_key(tensor: torch.Tensor) -> int:
-    # The address of the storage object: unique among live storages on every device, meta included
-    # (where data_ptr() is 0 for all).
+    # The storage object's address: unique among live storages on every device, meta included (data_ptr() is 0 there).
     return tensor.untyped_storage()._cdata
 
 
@@ -280,62 +271,47 @@ def default_text_tokens(preset: dict) -> int:
     return int(preset.get("sample", {}).get("max_sequence_length", 512))
 
 
-def measure_activations(
-    preset: dict | str,
-    width: int,
-    height: int,
-    frames: int,
-    batch_size: int = 1,
-    lora_rank: int | None = 32,
-    text_tokens: int | None = None,
-) -> ActivationProfile:
+def measure_activations(preset: dict | str, width: int, height: int, frames: int, batch_size: int = 1,
+                        lora_rank: int | None = 32, text_tokens: int | None = None) -> ActivationProfile:
     """Run the preset's training forward and loss on the meta device at the real shape, twice (without and
     with gradient checkpointing), and count what autograd saves. The model is in the trainer's state with
     bf16 autocast emulated for matmuls and attention saving what a flash kernel saves, so autograd saves
     what a GPU training step saves (up to the approximations in the module docstring)."""
-    preset = load_preset(preset) if isinstance(preset, str) else preset
-    channels, t, h, w = latent_shape(preset, width, height, frames)
-    text_tokens = text_tokens or default_text_tokens(preset)
+    preset, (t, h, w), text_tokens, inputs = _meta_inputs(preset, width, height, frames, batch_size, text_tokens)
     model = meta_training_transformer(preset, lora_rank)
     spec = get_spec(preset["backbone"], text_tokens)  # Wan pads the prompt to this length
     blocks = repeated_blocks(model)
-    inputs = _meta_inputs(preset, batch_size, (channels, t, h, w), text_tokens)
 
     plain = _count_saved(model, blocks, spec, inputs, checkpointing=False)
     checkpointed = _count_saved(model, blocks, spec, inputs, checkpointing=True)
     return ActivationProfile(
-        video_tokens=spec.num_tokens(model, (t, h, w)),
-        text_tokens=text_tokens,
-        batch_size=batch_size,
-        num_blocks=len(blocks),
-        saved_total=plain.total_bytes(),
-        saved_outside_blocks=plain.bytes_in(OUTSIDE),
+        video_tokens=spec.num_tokens(model, (t, h, w)), text_tokens=text_tokens, batch_size=batch_size,
+        num_blocks=len(blocks), saved_total=plain.total_bytes(), saved_outside_blocks=plain.bytes_in(OUTSIDE),
         saved_per_block=[plain.bytes_in(i) for i in range(len(blocks))],
         # Outside the blocks both runs save the same; what checkpointing adds there are the block inputs.
         boundary=checkpointed.bytes_in(OUTSIDE) - plain.bytes_in(OUTSIDE),
         boundary_copied=checkpointed.copied[OUTSIDE] - plain.copied[OUTSIDE],
-        largest_saved=plain.largest,
-        linear_flops=plain.linear_flops,
-        attention_flops=plain.attention_flops,
+        largest_saved=plain.largest, linear_flops=plain.linear_flops, attention_flops=plain.attention_flops,
         attention_outputs=plain.attention_output_bytes,
     )
 
 
-def _meta_inputs(preset: dict, batch_size: int, latent: tuple[int, ...], text_tokens: int) -> dict:
-    meta = {"device": "meta"}
-    return dict(
-        noisy_latents=torch.empty(batch_size, *latent, **meta),  # float32, as the trainer feeds them
-        timesteps=torch.empty(batch_size, **meta),
-        text_states=torch.empty(batch_size, text_tokens, preset["transformer"]["text_dim"], **meta),
+def _meta_inputs(preset, width, height, frames, batch_size, text_tokens):
+    """(preset as a dict, latent (t, h, w), text tokens, the transformer's meta inputs) for a clip size."""
+    preset = load_preset(preset) if isinstance(preset, str) else preset
+    channels, t, h, w = latent_shape(preset, width, height, frames)
+    text_tokens = text_tokens or default_text_tokens(preset)
+    inputs = dict(
+        noisy_latents=torch.empty(batch_size, channels, t, h, w, device="meta"),  # float32, as the trainer feeds them
+        timesteps=torch.empty(batch_size, device="meta"),
+        text_states=torch.empty(batch_size, text_tokens, preset["transformer"]["text_dim"], device="meta"),
         text_mask=None,  # unpadded text: the trainer passes no mask then (training/step.py)
     )
+    return preset, (t, h, w), text_tokens, inputs
 
 
 def _count_saved(model, blocks, spec, inputs, checkpointing: bool) -> SavedTensorLedger:
-    if checkpointing:
-        model.enable_gradient_checkpointing()
-    else:
-        model.disable_gradient_checkpointing()
+    (model.enable_gradient_checkpointing if checkpointing else model.disable_gradient_checkpointing)()
     ledger = SavedTensorLedger(model)
     _ATTENTION_FLOPS[0] = _ATTENTION_OUTPUT_BYTES[0] = 0
     with warnings.catch_warnings():
@@ -369,8 +345,7 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def __init__(self, existing=()):
         super().__init__()
-        self.live = 0
-        self.peak = 0
+        self.live = self.peak = 0
         self._excluded = {_storage_key(t) for t in existing}
         self._storages: dict[int, list[int]] = {}  # storage key -> [bytes, live tensors on it]
         self._tracked: set[int] = set()  # ids of live tensors already counted
@@ -403,28 +378,18 @@ class LiveTensorBytes(TorchDispatchMode):
             del self._storages[key]
 
 
-def measure_inference_peak(
-    preset: dict | str,
-    width: int,
-    height: int,
-    frames: int,
-    batch_size: int = 2,
-    text_tokens: int | None = None,
-    ffn_chunk_tokens: int = 0,
-) -> int:
+def measure_inference_peak(preset: dict | str, width: int, height: int, frames: int, batch_size: int = 2,
+                           text_tokens: int | None = None, ffn_chunk_tokens: int = 0) -> int:
     """Peak bytes one no-grad transformer forward allocates beyond its weights and inputs, as sampling and
     validation run it eagerly (bf16 weights; batch 2 = a guided step, conditional and unconditional together),
     with attention allocating what a flash / cuDNN kernel does (its output and log-sum-exp), and the MLPs in
     chunks of `ffn_chunk_tokens` if set (sample.py's memory.ffn_chunk_tokens). Meta device."""
-    from happyhorse_train.memory.inference import chunk_feed_forwards
+    from happyhorse_train.memory.ffn_chunks import chunk_feed_forwards
 
-    preset = load_preset(preset) if isinstance(preset, str) else preset
-    channels, t, h, w = latent_shape(preset, width, height, frames)
-    text_tokens = text_tokens or default_text_tokens(preset)
+    preset, _, _, inputs = _meta_inputs(preset, width, height, frames, batch_size, text_tokens)
     model, spec = meta_transformer(preset)
     if ffn_chunk_tokens:
         chunk_feed_forwards(model, spec.feed_forward_classes, ffn_chunk_tokens)
-    inputs = _meta_inputs(preset, batch_size, (channels, t, h, w), text_tokens)
     inputs["noisy_latents"] = inputs["noisy_latents"].to(COMPUTE_DTYPE)  # the pipeline feeds the weights' dtype
     inputs["text_states"] = inputs["text_states"].to(COMPUTE_DTYPE)
     existing = [*model.parameters(), *model.buffers(), *(v for v in inputs.values() if v is not None)]
@@ -444,10 +409,8 @@ def measure_vae_peaks(preset: dict | str, width: int, height: int, frames: int) 
         raise ValueError(f"the {preset.get('preset')} preset does not describe its VAE ({channels} latent channels)")
     weights = [*vae.parameters(), *vae.buffers()]
     peaks = {}
-    for name, run, shape in (
-        ("encode", vae.encode, (1, 3, frames, height, width)),
-        ("decode", vae.decode, (1, channels, t, h, w)),
-    ):
+    for name, run, shape in (("encode", vae.encode, (1, 3, frames, height, width)),
+                             ("decode", vae.decode, (1, channels, t, h, w))):
         given = torch.empty(shape, device="meta")
         with torch.no_grad(), LiveTensorBytes([*weights, given]) as tracker:
             run(given)

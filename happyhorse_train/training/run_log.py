@@ -79,7 +79,8 @@ def write_loss_curve(metrics_path: Path, png_path: Path) -> None:
     axes.plot(steps, losses, linewidth=0.8, alpha=0.5, label="loss")
     window = max(1, len(losses) // 20)
     if window > 1:
-        smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1]) for i in range(len(losses))]
+        windows = [losses[max(0, i - window + 1) : i + 1] for i in range(len(losses))]
+        smooth = [sum(w) / len(w) for w in windows]
         axes.plot(steps, smooth, linewidth=1.8, label=f"mean of {window}")
     axes.set_xlabel("step")
     axes.set_ylabel("flow-matching loss")
@@ -95,5 +96,6 @@ def _flat(tree: dict, prefix: str = "") -> dict:
         if isinstance(value, dict):
             flat.update(_flat(value, f"{prefix}{key}."))
         else:
-            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+            plain = isinstance(value, (int, float, str, bool)) or value is None
+            flat[f"{prefix}{key}"] = value if plain else str(value)
     return flat

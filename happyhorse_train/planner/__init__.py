@@ -24,34 +24,20 @@ Modules: `assumptions` (the named constants), `request` (what the user asks, the
 (the table and the JSON).
 """
 
-from happyhorse_train.memory.planner.estimates import Estimate, Plan, Setting, candidate_settings, plan
-from happyhorse_train.memory.planner.facts import ModelFacts, model_facts
-from happyhorse_train.memory.planner.measure import (
+from happyhorse_train.planner.estimates import Estimate, Plan, Setting, candidate_settings, plan
+from happyhorse_train.planner.facts import ModelFacts, model_facts
+from happyhorse_train.planner.measure import (
     ActivationProfile,
     EmulatedAutocast,
     FlashLikeAttention,
     flash_like_attention,
     measure_activations,
 )
-from happyhorse_train.memory.planner.report import plan_to_dict, render_plan
-from happyhorse_train.memory.planner.request import PlanRequest, latent_shape, parse_size
+from happyhorse_train.planner.report import plan_to_dict, render_plan
+from happyhorse_train.planner.request import PlanRequest, latent_shape, parse_size
 
 __all__ = [
-    "ActivationProfile",
-    "EmulatedAutocast",
-    "Estimate",
-    "FlashLikeAttention",
-    "ModelFacts",
-    "Plan",
-    "PlanRequest",
-    "Setting",
-    "candidate_settings",
-    "flash_like_attention",
-    "latent_shape",
-    "measure_activations",
-    "model_facts",
-    "parse_size",
-    "plan",
-    "plan_to_dict",
-    "render_plan",
+    "ActivationProfile", "EmulatedAutocast", "Estimate", "FlashLikeAttention", "ModelFacts", "Plan", "PlanRequest",
+    "Setting", "candidate_settings", "flash_like_attention", "latent_shape", "measure_activations", "model_facts",
+    "parse_size", "plan", "plan_to_dict", "render_plan",
 ]

@@ -1,0 +1,30 @@
+"""Every backbone, by its `model.backbone` name: the one place that knows them all."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from happyhorse_train.errors import UserInputError
+from happyhorse_train.models.happyhorse.spec import HappyHorseSpec
+from happyhorse_train.models.spec import ModelSpec
+from happyhorse_train.models.wan import WanSpec
+
+BACKBONES: dict[str, type[ModelSpec]] = {"happyhorse": HappyHorseSpec, "wan": WanSpec}
+
+
+def get_spec(backbone: str, max_sequence_length: int = 512) -> ModelSpec:
+    if backbone not in BACKBONES:
+        raise UserInputError(f"model.backbone={backbone!r} is unknown; use one of {', '.join(sorted(BACKBONES))}")
+    return BACKBONES[backbone](max_sequence_length)
+
+
+def spec_for_folder(path: str | Path, max_sequence_length: int = 512) -> ModelSpec:
+    """The spec whose pipeline class a model folder's model_index.json names."""
+    index = Path(path) / "model_index.json"
+    class_name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    for spec_class in BACKBONES.values():
+        if spec_class.pipeline_class.__name__ == class_name:
+            return spec_class(max_sequence_length)
+    known = ", ".join(c.pipeline_class.__name__ for c in BACKBONES.values())
+    raise UserInputError(f"{path}: no backbone for a model folder of class {class_name!r} (known: {known})")
