@@ -316,14 +316,12 @@ def write_plot(rows: list[dict], report: dict, path: str | Path, title: str | No
         _label(ax_buckets, ax_buckets.bar(range(len(shown)), [n for _, n in shown], color="tab:blue"))
         _category_ticks(ax_buckets, [b for b, _ in shown], crowded=5)
         more = f" (20 largest of {len(buckets)})" if len(buckets) > 20 else ""
-        ax_buckets.set_title(f"clips per bucket{more}")
-        ax_buckets.set_xlabel("bucket (frames x height x width)")
+        ax_buckets.set(title=f"clips per bucket{more}", xlabel="bucket (frames x height x width)", ylabel="clips")
 
         frames = frame_histogram(rows)
         _label(ax_frames, ax_frames.bar(range(len(frames)), [n for _, n in frames], color="tab:green"))
         _category_ticks(ax_frames, [str(f) for f, _ in frames], crowded=14)
-        ax_frames.set_title("clips per frame count")
-        ax_frames.set_xlabel("frames per clip")
+        ax_frames.set(title="clips per frame count", xlabel="frames per clip", ylabel="clips")
 
         per_source = Counter(n for _, n in clips_per_source(rows))
         counts = sorted(per_source)  # a true number line: a gap shows that no source gives that many clips
@@ -332,11 +330,8 @@ def write_plot(rows: list[dict], report: dict, path: str | Path, title: str | No
             ax_sources.set_xticks(counts)  # one tick per bar: the auto locator gives 1.6 ... 2.4 for a lone bar
         else:
             ax_sources.xaxis.get_major_locator().set_params(integer=True)
-        ax_sources.set_title(f"clips per source file ({sum(per_source.values())} sources)")
-        ax_sources.set_xlabel("clips from one source file")
-        ax_sources.set_ylabel("source files")
-        for ax in (ax_buckets, ax_frames):
-            ax.set_ylabel("clips")
+        ax_sources.set(title=f"clips per source file ({sum(per_source.values())} sources)",
+                       xlabel="clips from one source file", ylabel="source files")
         for ax in (ax_buckets, ax_frames, ax_sources):
             ax.yaxis.get_major_locator().set_params(integer=True)
     else:
@@ -352,8 +347,7 @@ def write_plot(rows: list[dict], report: dict, path: str | Path, title: str | No
         ax_dropped.set_yticks(range(len(shown)), [_cut(kind, 34) for kind, _ in shown])
         ax_dropped.xaxis.get_major_locator().set_params(integer=True)
         more = f" (15 largest of {len(groups)} reasons)" if len(groups) > 15 else ""
-        ax_dropped.set_title(f"dropped files by reason{more}")
-        ax_dropped.set_xlabel("files")
+        ax_dropped.set(title=f"dropped files by reason{more}", xlabel="files")
     else:
         _empty_panel(ax_dropped, "dropped files by reason", "nothing dropped")
 
@@ -384,7 +378,5 @@ def _category_ticks(ax, labels: list[str], crowded: int) -> None:
 
 
 def _empty_panel(ax, title: str, message: str) -> None:
-    ax.set_title(title)
+    ax.set(title=title, xticks=[], yticks=[])
     ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=13, color="0.4", transform=ax.transAxes)
-    ax.set_xticks([])
-    ax.set_yticks([])

@@ -119,13 +119,11 @@ class BlockSwap:
         self.blocks, self.device = blocks, device
         step = len(blocks) / num_swapped
         self.swapped = sorted({int(i * step + step / 2) for i in range(num_swapped)})
-        self._host: dict[int, list[tuple[nn.Module, str, torch.Tensor]]] = {}
+        self._host = {index: self._move_frozen_to_host(blocks[index]) for index in self.swapped}
         self._ready: dict[int, torch.cuda.Event | None] = {}  # swapped blocks on the GPU (or being copied)
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._last_index: int | None = None
         self.resident_counts: list[int] = []  # swapped blocks on the GPU at each block call (for tests, logs)
-        for index in self.swapped:
-            self._host[index] = self._move_frozen_to_host(blocks[index])
         self._handles = [block.register_forward_pre_hook(self._before_block(i)) for i, block in enumerate(blocks)]
 
     def move_resident_to_device(self, model: nn.Module) -> None:

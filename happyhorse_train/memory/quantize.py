@@ -80,22 +80,13 @@ class Float8Linear(nn.Linear):
     `compute_dtype` is also what peft reads to choose the dtype of the LoRA weights it adds.
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        *,
-        block_size: int | None = None,
-        compute_dtype: torch.dtype = torch.bfloat16,
-        device: torch.device | str | None = None,
-    ):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, block_size: int | None = None,
+                 compute_dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None):
         super().__init__(in_features, out_features, bias=bias, device="meta")  # no float weight allocated
         self.block_size = block_size
         self.compute_dtype = compute_dtype
-        self.weight = nn.Parameter(
-            torch.zeros(out_features, in_features, dtype=FP8_DTYPE, device=device), requires_grad=False
-        )
+        self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=FP8_DTYPE, device=device),
+                                   requires_grad=False)
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=compute_dtype, device=device), requires_grad=False)
         scale_shape = () if block_size is None else (-(-out_features // block_size), -(-in_features // block_size))
@@ -169,13 +160,8 @@ def _bnb_nf4(weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: tor
     return layer.to(device)  # Params4bit quantizes (blockwise NF4, blocksize 64) on this move
 
 
-def quantized_linear_from_weights(
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    fmt: str,
-    compute_dtype: torch.dtype,
-    device: torch.device | str,
-) -> nn.Module:
+def quantized_linear_from_weights(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, compute_dtype: torch.dtype,
+                                  device: torch.device | str) -> nn.Module:
     """A frozen layer on `device` computing `x @ weight.T + bias`, its weight stored in `fmt`.
 
     The weight is cast to `compute_dtype` before it is quantized, as loading in that dtype and then
@@ -206,6 +192,12 @@ def quantize_linear(linear: nn.Linear, fmt: str, compute_dtype: torch.dtype) -> 
     return quantized_linear_from_weights(linear.weight, linear.bias, fmt, compute_dtype, linear.weight.device)
 
 
+def kept_in_float32(model: nn.Module, name: str) -> bool:
+    """diffusers' rule: a tensor or module whose dotted name has a component listed in the model's
+    `_keep_in_fp32_modules` stays float32."""
+    return not set(getattr(model, "_keep_in_fp32_modules", None) or []).isdisjoint(name.split("."))
+
+
 def mark_quantized(model: nn.Module, fmt: str) -> None:
     """Set the flags diffusers' own bitsandbytes loading sets, so others treat the model as quantized.
 
@@ -229,13 +221,12 @@ def quantizable_linear_names(model: nn.Module) -> list[str]:
     if not block_classes:
         raise ValueError(f"{type(model).__name__} does not name its repeated blocks (_repeated_blocks), "
                          "so there is no telling which linear layers to quantize")
-    keep_in_fp32 = set(getattr(model, "_keep_in_fp32_modules", None) or [])
     names: dict[str, None] = {}  # ordered and without repeats, should blocks nest
     for block_name, block in model.named_modules():
         if type(block).__name__ not in block_classes:
             continue
         for name, module in block.named_modules(prefix=block_name):
-            if type(module) is nn.Linear and not keep_in_fp32.intersection(name.split(".")):
+            if type(module) is nn.Linear and not kept_in_float32(model, name):
                 names[name] = None
     if not names:
         raise ValueError(f"{type(model).__name__} has no nn.Linear inside its repeated blocks {sorted(block_classes)}")

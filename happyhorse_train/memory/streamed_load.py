@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from happyhorse_train.errors import UserInputError
 from happyhorse_train.memory.quantize import (
     check_format,
+    kept_in_float32,
     mark_quantized,
     quantizable_linear_names,
     quantized_linear_from_weights,
@@ -124,11 +125,6 @@ def _read_tensors(files: dict[str, Path], names: list[str]) -> Iterator[torch.Te
         yield tensor
 
 
-def _kept_in_float32(name: str, keep_in_fp32: list[str]) -> bool:
-    # diffusers' rule: a tensor whose dotted name has a component listed in _keep_in_fp32_modules
-    return any(module in name.split(".") for module in keep_in_fp32)
-
-
 def _place_tensor(model: nn.Module, name: str, tensor: torch.Tensor, device, dtype: torch.dtype | None) -> None:
     """Put `tensor` (cast to `dtype` if given) in place of the model's parameter or buffer `name`, frozen."""
     owner_name, _, leaf = name.rpartition(".")
@@ -176,15 +172,8 @@ def _format_bytes(count: int) -> str:
     return f"{count / GiB:.2f} GiB" if count >= GiB / 10 else f"{count / 2**20:.1f} MiB"
 
 
-def load_quantized_transformer(
-    transformer_class,
-    folder: str | Path,
-    fmt: str,
-    device: torch.device | str,
-    compute_dtype: torch.dtype,
-    *,
-    log: Callable[[str], None] = logger.info,
-) -> nn.Module:
+def load_quantized_transformer(transformer_class, folder: str | Path, fmt: str, device: torch.device | str,
+                               compute_dtype: torch.dtype, *, log: Callable[[str], None] = logger.info) -> nn.Module:
     """The transformer in `folder` on `device`, its repeated blocks' linears in `fmt`, the rest in `compute_dtype`.
 
     Like `transformer_class.from_pretrained(folder, torch_dtype=compute_dtype)` (identical for "bf16"):
@@ -209,9 +198,8 @@ def load_quantized_transformer(
     return model
 
 
-def _load_quantized_linears(
-    model: nn.Module, names: list[str], files: dict[str, Path], folder: Path, fmt: str, device, compute_dtype
-) -> set[str]:
+def _load_quantized_linears(model: nn.Module, names: list[str], files: dict[str, Path], folder: Path, fmt: str, device,
+                            compute_dtype) -> set[str]:
     """Swap each named linear for its quantized layer, made from its own tensors; returns the tensor names used."""
     consumed = set()
     for name in names:
@@ -229,11 +217,9 @@ def _load_quantized_linears(
     return consumed
 
 
-def _load_other_tensors(
-    model: nn.Module, names: list[str], expected: set[str], files: dict[str, Path], folder: Path, device, compute_dtype
-) -> None:
+def _load_other_tensors(model: nn.Module, names: list[str], expected: set[str], files: dict[str, Path], folder: Path,
+                        device, compute_dtype) -> None:
     """Every other tensor to `device`: floats in `compute_dtype`, or float32 under `_keep_in_fp32_modules`."""
-    keep_in_fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or [])
     unexpected = [name for name in names if name not in expected]
     if unexpected:  # as from_pretrained does: extra tensors are ignored, with a warning
         logger.warning("%s: ignoring %d tensor(s) the model does not have, e.g. %s", folder, len(unexpected),
@@ -242,7 +228,7 @@ def _load_other_tensors(
     for name, tensor in zip(names, _read_tensors(files, names)):
         dtype = None
         if tensor.is_floating_point():
-            dtype = torch.float32 if _kept_in_float32(name, keep_in_fp32) else compute_dtype
+            dtype = torch.float32 if kept_in_float32(model, name) else compute_dtype
         _place_tensor(model, name, tensor, device, dtype)
         del tensor
         _release_freed_host_memory()
@@ -269,9 +255,8 @@ def _finish(model: nn.Module, folder: Path, device: torch.device) -> None:
     model.eval()
 
 
-def base_transformer(
-    spec, path, base_weights: str, device, dtype, log=print, deferred: bool = False
-) -> nn.Module | None:
+def base_transformer(spec, path, base_weights: str, device, dtype, log=print,
+                     deferred: bool = False) -> nn.Module | None:
     """The transformer to hand to spec.load_pipeline(transformer=...): None for base_weights="bf16" (the
     pipeline loads it itself); otherwise quantized, streamed onto `device` now, or with `deferred=True` a
     weightless meta-device model (its config readable) that `place_transformer` fills in later."""

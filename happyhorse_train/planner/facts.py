@@ -11,6 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from happyhorse_train.memory.offload import repeated_blocks
+from happyhorse_train.memory.quantize import kept_in_float32
 from happyhorse_train.models.backbones import get_spec
 from happyhorse_train.models.presets import CONFIG_DIR, load_preset
 from happyhorse_train.planner.assumptions import BASE_FORMATS, COMPUTE_DTYPE, FP8_SCALE_BLOCK, NF4_BLOCK
@@ -40,9 +41,8 @@ def meta_transformer(preset: dict, dtype: torch.dtype = COMPUTE_DTYPE):
 def _keep_in_fp32_as_loaded(model: torch.nn.Module) -> None:
     """What diffusers' from_pretrained(torch_dtype=bf16) does: modules the class names in
     `_keep_in_fp32_modules` (Wan: RoPE, time embedder, norms, modulation table) stay float32."""
-    keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if keep.intersection(name.split(".")) and tensor.is_floating_point():
+        if kept_in_float32(model, name) and tensor.is_floating_point():
             tensor.data = tensor.data.float()
 
 

@@ -274,9 +274,8 @@ def default_text_tokens(preset: dict) -> int:
 def measure_activations(preset: dict | str, width: int, height: int, frames: int, batch_size: int = 1,
                         lora_rank: int | None = 32, text_tokens: int | None = None) -> ActivationProfile:
     """Run the preset's training forward and loss on the meta device at the real shape, twice (without and
-    with gradient checkpointing), and count what autograd saves. The model is in the trainer's state with
-    bf16 autocast emulated for matmuls and attention saving what a flash kernel saves, so autograd saves
-    what a GPU training step saves (up to the approximations in the module docstring)."""
+    with gradient checkpointing), and count what autograd saves: what a GPU training step saves, up to the
+    approximations the planner package's docstring lists."""
     preset, (t, h, w), text_tokens, inputs = _meta_inputs(preset, width, height, frames, batch_size, text_tokens)
     model = meta_training_transformer(preset, lora_rank)
     spec = get_spec(preset["backbone"], text_tokens)  # Wan pads the prompt to this length

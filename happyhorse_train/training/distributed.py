@@ -68,21 +68,14 @@ def _load_trainable(folder: Path, model: torch.nn.Module) -> None:
     params = dict(model.named_parameters())
     trained_here = {name for name, param in params.items() if param.requires_grad}
     reshaped = sorted(name for name in set(saved) & trained_here if saved[name].shape != params[name].shape)
-    problems = [
-        (f"{len(names)} {what}", names[:2])
-        for what, names in (
-            ("trainable weights it lacks", sorted(trained_here - set(saved))),
-            ("weights this run does not train", sorted(set(saved) - trained_here)),
-            ("weights of another shape", reshaped),
-        )
-        if names
-    ]
-    if problems:
-        listed = "; ".join(f"{count} (e.g. {', '.join(examples)})" for count, examples in problems)
-        raise UserInputError(
-            f"{folder} does not hold this run's trainable weights: {listed}. Resume with the settings the run "
-            "started with (trainer.mode, lora.*)"
-        )
+    mismatches = {"trainable weights it lacks": sorted(trained_here - set(saved)),
+                  "weights this run does not train": sorted(set(saved) - trained_here),
+                  "weights of another shape": reshaped}
+    listed = "; ".join(f"{len(names)} {what} (e.g. {', '.join(names[:2])})"
+                       for what, names in mismatches.items() if names)
+    if listed:
+        raise UserInputError(f"{folder} does not hold this run's trainable weights: {listed}. Resume with the settings "
+                             "the run started with (trainer.mode, lora.*)")
     with torch.no_grad():
         for name, tensor in saved.items():
             params[name].copy_(tensor)
@@ -132,9 +125,8 @@ class DeepSpeedZero(Replicated):
         model.save_checkpoint(str(folder / "deepspeed"), tag="state", exclude_frozen_parameters=True)
 
     def load_engine_state(self, accelerator, folder: Path, model, optimizer) -> None:
-        model.load_checkpoint(
-            str(folder / "deepspeed"), tag="state", load_module_strict=False, load_lr_scheduler_states=False
-        )
+        model.load_checkpoint(str(folder / "deepspeed"), tag="state", load_module_strict=False,
+                              load_lr_scheduler_states=False)
 
     def check_nonfinite_recoverable(self, step: int) -> None:
         # DeepSpeed stepped inside backward, before the loop could look at the gradients.

@@ -133,16 +133,8 @@ class HappyHorseBlock(nn.Module):
     `video`; a shared block routes all tokens through `shared`. Attention is always joint.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        num_kv_heads: int,
-        head_dim: int,
-        ffn_dim: int,
-        eps: float,
-        modality_specific: bool,
-    ):
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, head_dim: int, ffn_dim: int, eps: float,
+                 modality_specific: bool):
         super().__init__()
         self.modality_specific = modality_specific
         make = lambda: TokenStreamLayers(dim, num_heads, num_kv_heads, head_dim, ffn_dim, eps)  # noqa: E731
@@ -153,21 +145,12 @@ class HappyHorseBlock(nn.Module):
         # Per-block offsets to the shared timestep modulation (Wan-style): 6 vectors instead of a 6*dim^2 linear.
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        time_modulation: torch.Tensor,
-        rope_cos: torch.Tensor,
-        rope_sin: torch.Tensor,
-        attn_mask: torch.Tensor | None,
-        num_text_tokens: int,
-    ) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, time_modulation: torch.Tensor, rope_cos: torch.Tensor,
+                rope_sin: torch.Tensor, attn_mask: torch.Tensor | None, num_text_tokens: int) -> torch.Tensor:
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = (self.modulation + time_modulation).unsqueeze(2).unbind(1)
         if self.modality_specific:
-            segments = [
-                (self.text, hidden_states[:, :num_text_tokens]),
-                (self.video, hidden_states[:, num_text_tokens:]),
-            ]
+            segments = [(self.text, hidden_states[:, :num_text_tokens]),
+                        (self.video, hidden_states[:, num_text_tokens:])]
         else:
             segments = [(self.shared, hidden_states)]
 
@@ -232,15 +215,8 @@ class HappyHorseTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.time_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.rope = RotaryEmbedding3D(rope_axes_dim, rope_theta)
         self.blocks = nn.ModuleList(
-            HappyHorseBlock(
-                dim,
-                num_attention_heads,
-                num_key_value_heads,
-                attention_head_dim,
-                ffn_dim,
-                norm_eps,
-                modality_specific=i < sandwich_layers or i >= num_layers - sandwich_layers,
-            )
+            HappyHorseBlock(dim, num_attention_heads, num_key_value_heads, attention_head_dim, ffn_dim, norm_eps,
+                            modality_specific=i < sandwich_layers or i >= num_layers - sandwich_layers)
             for i in range(num_layers)
         )
         self.norm_out = nn.RMSNorm(dim, eps=norm_eps, elementwise_affine=False)
@@ -269,14 +245,8 @@ class HappyHorseTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         x = x.permute(0, 4, 1, 5, 2, 6, 3, 7)
         return x.reshape(b, self.config.out_channels, grid[0] * pt, grid[1] * ph, grid[2] * pw)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        timestep: torch.Tensor,
-        encoder_attention_mask: torch.Tensor | None = None,
-        return_dict: bool = True,
-    ):
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, timestep: torch.Tensor,
+                encoder_attention_mask: torch.Tensor | None = None, return_dict: bool = True):
         grid = self.latent_grid(hidden_states.shape)
         num_text = encoder_hidden_states.shape[1]
         video = self.video_in(self._patchify(hidden_states))
@@ -292,13 +262,12 @@ class HappyHorseTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             video_keys = torch.ones(x.shape[0], video.shape[1], dtype=torch.bool, device=x.device)
             attn_mask = torch.cat([encoder_attention_mask.bool(), video_keys], dim=1)[:, None, None, :]
 
+        block_args = (time_modulation, rope_cos, rope_sin, attn_mask, num_text)
         for block in self.blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = self._gradient_checkpointing_func(
-                    block, x, time_modulation, rope_cos, rope_sin, attn_mask, num_text
-                )
+                x = self._gradient_checkpointing_func(block, x, *block_args)
             else:
-                x = block(x, time_modulation, rope_cos, rope_sin, attn_mask, num_text)
+                x = block(x, *block_args)
 
         shift, scale = (self.out_modulation + time_emb.unsqueeze(1)).unsqueeze(2).unbind(1)
         video = self.proj_out(_modulate(self.norm_out(x[:, num_text:]), shift, scale))
