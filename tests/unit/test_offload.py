@@ -14,9 +14,11 @@ from happyhorse_train.models.presets import load_preset
 TARGETS = ["to_q", "to_k", "to_v", "to_out", "gate_proj", "up_proj", "down_proj"]
 
 
-def lora_model(dropout: float = 0.0) -> HappyHorseTransformer3DModel:
+def lora_model(dropout: float = 0.0, num_layers: int = 6) -> HappyHorseTransformer3DModel:
+    """The tiny model with `num_layers` blocks (the preset's 3: a text+video block, a shared one, another text+video
+    one; 6 gives block swap room to spread its swapped blocks) and a LoRA on attention and MLP."""
     torch.manual_seed(0)
-    model = HappyHorseTransformer3DModel(**{**load_preset("tiny")["transformer"], "num_layers": 6})
+    model = HappyHorseTransformer3DModel(**{**load_preset("tiny")["transformer"], "num_layers": num_layers})
     model.requires_grad_(False)
     model.add_adapter(
         peft.LoraConfig(r=4, lora_alpha=4, lora_dropout=dropout, target_modules=TARGETS, init_lora_weights="gaussian")
@@ -48,9 +50,10 @@ def assert_same(reference, other):
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_offloaded_checkpointing_gives_the_gradients_of_plain_checkpointing(dropout):
-    plain = lora_model(dropout)
+    # 3 blocks: one of each kind; the offloaded function runs per block, so more of them repeat the same thing.
+    plain = lora_model(dropout, num_layers=3)
     plain.enable_gradient_checkpointing()
-    offloaded = lora_model(dropout)
+    offloaded = lora_model(dropout, num_layers=3)
     offloaded.enable_gradient_checkpointing(gradient_checkpointing_func=offloaded_checkpoint)
     assert_same(loss_and_grads(plain), loss_and_grads(offloaded))
 
@@ -85,20 +88,30 @@ def test_offloaded_checkpointing_works_on_diffusers_wan_blocks():
     assert_same(run(wan(None)), run(wan(offloaded_checkpoint)))
 
 
-@pytest.mark.parametrize("num_swapped", [1, 3, 6])
-def test_block_swap_computes_the_same_and_keeps_at_most_two_swapped_blocks_resident(num_swapped):
+@pytest.fixture(scope="module")
+def plain_checkpointing_runs():
+    """The reference for every block-swap case, computed once: the plainly checkpointed LoRA model's loss and
+    gradients after 2 steps, and after 2 more (gradients accumulating), as a swapped model is run below."""
     reference = lora_model()
     reference.enable_gradient_checkpointing()
+    return loss_and_grads(reference, calls=2), loss_and_grads(reference, calls=2)
+
+
+@pytest.mark.parametrize("num_swapped", [1, 3, 6])
+def test_block_swap_computes_the_same_and_keeps_at_most_two_swapped_blocks_resident(
+    num_swapped, plain_checkpointing_runs
+):
+    while_swapped, after_removal = plain_checkpointing_runs
     swapped = lora_model()
     swapped.enable_gradient_checkpointing(gradient_checkpointing_func=offloaded_checkpoint)
     swap = BlockSwap(repeated_blocks(swapped), num_swapped, torch.device("cpu"))
     assert len(swap.swapped) == num_swapped
-    assert_same(loss_and_grads(reference, calls=2), loss_and_grads(swapped, calls=2))
+    assert_same(while_swapped, loss_and_grads(swapped, calls=2))
     # Forward visits 6 blocks, the backward recomputes 6: 12 block calls a step, 2 steps.
     assert len(swap.resident_counts) == 24
     assert max(swap.resident_counts) <= 2
     swap.remove()
-    assert_same(loss_and_grads(reference, calls=2), loss_and_grads(swapped, calls=2))
+    assert_same(after_removal, loss_and_grads(swapped, calls=2))
 
 
 def test_block_swap_moves_only_frozen_weights():

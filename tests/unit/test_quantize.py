@@ -202,9 +202,9 @@ def test_lora_on_a_quantized_base_trains(fmt):
     assert lora and all("lora_" in name and p.dtype == torch.float32 for name, p in lora.items())
 
     model.train()
-    optimizer = torch.optim.AdamW(lora.values(), lr=2e-2)
+    optimizer = torch.optim.AdamW(lora.values(), lr=3e-2)
     losses = []
-    for step in range(25):
+    for step in range(12):
         loss = loss_now()
         optimizer.zero_grad()
         loss.backward()
@@ -217,7 +217,8 @@ def test_lora_on_a_quantized_base_trains(fmt):
         optimizer.step()
         losses.append(loss.item())
 
-    # measured: the loss falls to ~0.1 of its start in 25 steps for every format (the curves nearly coincide)
+    # measured: the loss falls to 0.136-0.144 of its start in 12 steps for every format (the curves nearly coincide;
+    # smoothly: 0.99, 0.93, 0.80, 0.60, 0.50, 0.37, 0.29 ...)
     assert losses[-1] < 0.3 * losses[0], losses
     block_linear = model.get_submodule("blocks.0.text.attn.to_q").get_base_layer()
     assert block_linear.weight.dtype == (STORAGE_DTYPE.get(fmt, torch.bfloat16)) and block_linear.weight.grad is None
