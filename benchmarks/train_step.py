@@ -51,7 +51,7 @@ from happyhorse_train.models.backbones import get_spec  # noqa: E402
 from happyhorse_train.models.fused_linear import unfused_linears  # noqa: E402
 from happyhorse_train.models.presets import CONFIG_DIR, load_preset  # noqa: E402
 from happyhorse_train.planner import latent_shape, parse_size  # noqa: E402  (the planner's, checked)
-from happyhorse_train.training.adapters import make_trainable, trainable_parameters  # noqa: E402
+from happyhorse_train.training.adapters import lora_target_modules, make_trainable, trainable_parameters  # noqa: E402
 from happyhorse_train.training.optim import build_optimizer  # noqa: E402
 from happyhorse_train.training.step import StepContext, batch_loss, sample_generator  # noqa: E402
 
@@ -118,7 +118,7 @@ def setup_toolkit(preset, mode, rank, device, seed=0, caption_dropout=0.1, memor
             model.get_submodule(parent).register_module(child, quantize_linear(linear, memory.base_weights, compute))
         mark_quantized(model, memory.base_weights)
     torch.manual_seed(seed)
-    make_trainable(model, mode, cfg.lora, spec.default_lora_targets, compute)
+    make_trainable(model, mode, cfg.lora, spec, compute)
     model.enable_gradient_checkpointing(checkpointing_function(model, cfg))
     if compile:
         compile_blocks(model)
@@ -140,7 +140,7 @@ def setup_baseline(preset, mode, rank, device, seed=0):
     if mode == "lora":
         model.requires_grad_(False)
         config = peft.LoraConfig(r=rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                 target_modules=list(lora.target_modules or spec.default_lora_targets))
+                                 target_modules=lora_target_modules(lora, spec, model))  # the trainer's choice
         torch.manual_seed(seed)
         peft.inject_adapter_in_model(config, model)
         for name, param in model.named_parameters():
@@ -257,8 +257,7 @@ def numerics_check(preset="tiny", size=(144, 96, 17), mode="lora", rank=32, devi
     batch = synthetic_batch(shape, text_tokens, preset["transformer"]["text_dim"], batch_size, seed)
     seeds = [seed * 1000 + i for i in range(batch_size)]
 
-    loss_tk, _ = toolkit_loss(tk, spec, pipe, cfg, batch,
-                              [torch.Generator().manual_seed(s) for s in seeds], device)
+    loss_tk = toolkit_loss(tk, spec, pipe, cfg, batch, [torch.Generator().manual_seed(s) for s in seeds], device).loss
     loss_tk.backward()
     x0, noise, sigma = baseline_inputs(batch, pipe.vae.config, [torch.Generator().manual_seed(s) for s in seeds],
                                        device, cfg.flow)
@@ -358,7 +357,7 @@ def run_toolkit(preset, args, device, shape, text_tokens) -> dict:
 
     def loss_of_step(i):
         gens = [sample_generator(args.seed, i, 0, f"clip{j}") for j in range(args.batch_size)]
-        return toolkit_loss(model, spec, pipe, cfg, batch, gens, device)[0]
+        return toolkit_loss(model, spec, pipe, cfg, batch, gens, device).loss
 
     return _timed_training(loss_of_step, params, optimizer, args, device)
 

@@ -151,6 +151,16 @@ class ValidationConfig:
 
 
 @dataclass
+class EvalConfig:
+    every: int = 250
+    held_out: float = 0.05
+    dataset: Optional[str] = None
+    held_out_clips: int = 4
+    train_clips: int = 2
+    sigmas: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+
+
+@dataclass
 class LoggingConfig:
     logger: str = "wandb"
     wandb_mode: str = "offline"
@@ -168,6 +178,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     output_dir: str = "???"
     seed: int = 0

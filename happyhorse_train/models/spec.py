@@ -30,7 +30,8 @@ class ModelSpec(ABC):
     pipeline_class: type  # a diffusers DiffusionPipeline subclass; its `transformer` is what trains
     transformer_class: type  # the pipeline's transformer class (to build random checkpoints of a preset)
     components: tuple[str, ...] = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-    # Module-name suffixes (peft `target_modules`) a LoRA adapts when the config names none.
+    # Module-name suffixes (peft `target_modules`) a LoRA adapts when the config names none, less the modules
+    # `unreachable_modules` names (training/adapters.py lora_target_modules puts the two together).
     default_lora_targets: list[str]
     # diffusers module-name fragments -> the model's original ones, for ComfyUI-layout LoRA files.
     comfyui_renames: Renames = []
@@ -39,6 +40,11 @@ class ModelSpec(ABC):
 
     def __init__(self, max_sequence_length: int = 512):
         self.max_sequence_length = max_sequence_length  # prompt tokens, as the pipeline encodes them
+
+    def unreachable_modules(self, transformer: torch.nn.Module) -> list[str]:
+        """Full names of modules matching the default LoRA targets whose output never reaches the model's output
+        (an adapter there would get no gradient); the default LoRA leaves them out. None by default."""
+        return []
 
     def load_pipeline(
         self, path: str | Path, device: torch.device, dtype: torch.dtype, transformer: torch.nn.Module | None = None,

@@ -54,7 +54,7 @@ def meta_training_transformer(preset: dict, lora_rank: int | None) -> torch.nn.M
     logging.disable(logging.WARNING)  # diffusers' `.to(float32)` warns of fp32 modules, in a model built float32
     try:
         with torch.device("meta"):  # the adapters too
-            make_trainable(model, "lora" if lora_rank else "full", lora, spec.default_lora_targets, COMPUTE_DTYPE)
+            make_trainable(model, "lora" if lora_rank else "full", lora, spec, COMPUTE_DTYPE)
     finally:
         logging.disable(logging.NOTSET)
     return model.train()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 import torch
@@ -17,9 +18,11 @@ LORA_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora":
 
 
 def make_trainable(
-    transformer: torch.nn.Module, mode: str, lora, default_targets: list[str], frozen_dtype: torch.dtype
+    transformer: torch.nn.Module, mode: str, lora, spec, frozen_dtype: torch.dtype
 ) -> peft.LoraConfig | None:
     """Freeze or unfreeze; for LoRA, store the frozen base in `frozen_dtype` and the adapter in float32.
+    `lora.target_modules` is taken as given; without it, the backbone's (`spec`) default targets, less the
+    modules whose output cannot reach the loss.
 
     Returns the LoraConfig (None for a full fine-tune). Trained weights stay float32 in both modes: the
     optimizer updates them in full precision and autocast runs the matmuls in the compute dtype.
@@ -34,7 +37,7 @@ def make_trainable(
         r=lora.rank,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules or default_targets),
+        target_modules=lora_target_modules(lora, spec, transformer),
         init_lora_weights=LORA_INIT[lora.init],
     )
     if not getattr(transformer, "is_quantized", False) and transformer.dtype != frozen_dtype:
@@ -48,6 +51,21 @@ def make_trainable(
             param.data = param.data.float()
     skip_lora_input_casts(transformer)
     return config
+
+
+def lora_target_modules(lora, spec, transformer: torch.nn.Module) -> list[str] | str:
+    """peft `target_modules`: `lora.target_modules` as given, else the backbone's default suffixes less the
+    modules it names unreachable (`spec.unreachable_modules`), as one regex when there are any."""
+    if lora.target_modules:
+        return list(lora.target_modules)
+    suffixes, unreachable = list(spec.default_lora_targets), spec.unreachable_modules(transformer)
+    if not unreachable:
+        return suffixes
+    # A regex rather than peft's `exclude_modules`: the LoRA file stores this config, and diffusers'
+    # load_lora_weights hands it to peft with the file's tensors, where an exclude list excludes nothing and
+    # peft warns so on every load. fullmatch of "(any prefix.)suffix" is peft's own rule for a suffix list.
+    dead = "|".join(re.escape(name) for name in unreachable)
+    return rf"(?!(?:{dead})$)(?:.*\.)?(?:{'|'.join(re.escape(suffix) for suffix in suffixes)})"
 
 
 def skip_lora_input_casts(model: torch.nn.Module) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from happyhorse_train.combinations import combination_problems
 from happyhorse_train.config import validation_on
+from happyhorse_train.data.prepare import MANIFEST_FILE
 from happyhorse_train.errors import UserInputError
 from happyhorse_train.training.adapters import LORA_INIT
 from happyhorse_train.training.flow_matching import LOSS_WEIGHTING, SIGMA_SAMPLING
@@ -62,14 +63,31 @@ def check_train_config(cfg) -> None:
         frames = cfg.validation.num_frames
         if frames < 1 or (frames - 1) % 4:  # every shipped VAE compresses time 4x, keeping the first frame
             problems.append(f"validation.num_frames={frames}: must be 4k+1 (e.g. {max(1, (frames - 1) // 4 * 4 + 1)})")
+    problems += _eval_problems(cfg.eval)
     if cfg.model.path is None:
         problems.append("model.path is not set: point it at a diffusers-layout model folder")
-    dataset = Path(cfg.data.dataset)
-    if not (dataset / "manifest.parquet").is_file():
-        problems.append(f"data.dataset={dataset}: not a clip dataset folder (run data_tools/prepare_clips.py)")
+    problems += _dataset_problems("data.dataset", cfg.data.dataset)
     if problems:
         raise UserInputError("bad training config:\n  " + "\n  ".join(problems))
     check_writable(Path(cfg.output_dir))
+
+
+def _eval_problems(evaluation) -> list[str]:
+    problems = [f"eval.{key}={evaluation[key]}: must be 0 or more"
+                for key in ("every", "held_out_clips", "train_clips") if evaluation[key] < 0]
+    if not 0 <= evaluation.held_out < 1:
+        problems.append(f"eval.held_out={evaluation.held_out}: must be in [0, 1)")
+    if not evaluation.sigmas or not all(0 < sigma <= 1 for sigma in evaluation.sigmas):
+        problems.append(f"eval.sigmas={list(evaluation.sigmas)}: give one or more noise levels in (0, 1]")
+    if evaluation.dataset:
+        problems += _dataset_problems("eval.dataset", evaluation.dataset)
+    return problems
+
+
+def _dataset_problems(key: str, folder: str) -> list[str]:
+    if (Path(folder) / MANIFEST_FILE).is_file():
+        return []
+    return [f"{key}={folder}: not a clip dataset folder (run data_tools/prepare_clips.py)"]
 
 
 def check_writable(folder: Path) -> None:

@@ -1,4 +1,8 @@
-"""Where training metrics go: metrics.jsonl and loss_curve.png always; W&B or TensorBoard when configured."""
+"""Where training metrics go: metrics.jsonl and loss_curve.png always; W&B or TensorBoard when configured.
+
+metrics.jsonl holds a line per optimizer step (`loss`, ...) and a line per eval (`eval_loss`, ...), each with its
+step; step 0 is the eval before training.
+"""
 
 from __future__ import annotations
 
@@ -61,30 +65,37 @@ class RunLog:
             write_loss_curve(self.path, self.path.with_name(LOSS_CURVE_FILE))
 
 
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+def read_metrics(path: Path, metric: str | None = "loss") -> list[dict]:
+    """The rows of a metrics.jsonl that carry `metric` (by default the training steps'); None: every row."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+    return [row for row in rows if metric is None or metric in row]
 
 
 def write_loss_curve(metrics_path: Path, png_path: Path) -> None:
+    """The training loss (and its running mean) with the eval losses on the same axes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    rows = [row for row in read_metrics(metrics_path) if "loss" in row]
+    rows = read_metrics(metrics_path, metric=None)
     if not rows:
         return
-    steps, losses = [r["step"] for r in rows], [r["loss"] for r in rows]
     figure = Figure(figsize=(8, 4.5))
     FigureCanvasAgg(figure)
     axes = figure.subplots()
-    axes.plot(steps, losses, linewidth=0.8, alpha=0.5, label="loss")
+    steps, losses = [r["step"] for r in rows if "loss" in r], [r["loss"] for r in rows if "loss" in r]
+    axes.plot(steps, losses, linewidth=0.8, alpha=0.5, label="training loss")
     window = max(1, len(losses) // 20)
     if window > 1:
         windows = [losses[max(0, i - window + 1) : i + 1] for i in range(len(losses))]
         smooth = [sum(w) / len(w) for w in windows]
-        axes.plot(steps, smooth, linewidth=1.8, label=f"mean of {window}")
+        axes.plot(steps, smooth, linewidth=1.8, label=f"training loss, mean of {window}")
+    for key in ("eval_loss_held_out", "eval_loss_train"):
+        evals = [(r["step"], r[key]) for r in rows if key in r]
+        if evals:
+            axes.plot(*zip(*evals), marker="o", linewidth=1.5, label=key.replace("_", " "))
     axes.set_xlabel("step")
     axes.set_ylabel("flow-matching loss")
-    axes.set_title(f"training loss ({metrics_path.parent.name})")
+    axes.set_title(f"losses ({metrics_path.parent.name})")
     axes.legend()
     figure.savefig(png_path, dpi=100)
 

@@ -25,6 +25,7 @@ from happyhorse_train.training.adapters import make_trainable, trainable_paramet
 from happyhorse_train.training.checkpoint import Checkpointable, load_checkpoint, resolve_resume
 from happyhorse_train.training.distributed import accelerator_options, distributed_strategy, gradient_accumulation
 from happyhorse_train.training.ema import EMA
+from happyhorse_train.training.eval_loss import EvalSet, build_eval_set, held_out_fingerprints
 from happyhorse_train.training.optim import build_lr_schedule, build_optimizer
 from happyhorse_train.training.run_log import RunLog
 from happyhorse_train.training.step import StepContext
@@ -56,6 +57,7 @@ class Run(Checkpointable):
     sampler: BucketBatchSampler
     state: TrainState
     step_context: StepContext | None = None  # set once the model is prepared
+    eval_set: EvalSet | None = None  # None: no eval loss (eval.every=0)
     run_log: RunLog | None = None  # set once the resumed step is known
 
 
@@ -75,11 +77,14 @@ def set_up_run(cfg) -> Run:
     strategy.check_supported(cfg)
     compute_dtype = COMPUTE_DTYPES[cfg.trainer.mixed_precision]
     spec = get_spec(cfg.model.backbone, cfg.data.max_sequence_length)
-    pipe, dataset, empty_text = load_cached_data(cfg, accelerator, strategy, spec, compute_dtype)
+    pipe, dataset, held_out, empty_text = load_cached_data(cfg, accelerator, strategy, spec, compute_dtype)
     run = make_trainable_run(cfg, accelerator, strategy, spec, pipe, dataset, compute_dtype)
     run.step_context = StepContext(
         spec, pipe, run.model, accelerator.device, compute_dtype, cfg.flow, cfg.data.caption_dropout, empty_text
     )
+    run.eval_set = build_eval_set(cfg, dataset, held_out)
+    if run.eval_set is not None:
+        accelerator.print(f"eval loss every {cfg.eval.every} steps: {run.eval_set.describe()}")
     if resume_from is not None:
         restore(run, resume_from)
     run.run_log = RunLog(accelerator, output_dir, cfg, run.state.step)
@@ -87,12 +92,13 @@ def set_up_run(cfg) -> Run:
 
 
 def load_cached_data(cfg, accelerator, strategy, spec, compute_dtype):
-    """The pipeline, with every clip's latents and caption states cached; returns (pipe, dataset, empty text)."""
+    """The pipeline, with every clip's latents and caption states cached; returns (pipe, the training clips, the
+    held-out clips or None, the empty caption's text states)."""
     rank, world, log = accelerator.process_index, accelerator.num_processes, accelerator.print
     # A LoRA's frozen base loads straight in the compute dtype (an 8B float32 copy would be 32 GB of host RAM);
     # a full fine-tune keeps float32 master weights.
     load_dtype = compute_dtype if cfg.trainer.mode == "lora" else torch.float32
-    manifest = load_manifest(cfg.data.dataset)
+    manifest, held_out = split_eval_clips(cfg)
     batch_sampler(manifest["bucket"], cfg, rank, world)  # before loading: a batch size no bucket fills fails here
     # The transformer stays off the GPU while the encoders fill the cache (a quantized one is not even loaded
     # yet): the two together would not fit the cards the memory settings are for.
@@ -102,7 +108,7 @@ def load_cached_data(cfg, accelerator, strategy, spec, compute_dtype):
         pipe = spec.load_pipeline(cfg.model.path, accelerator.device, load_dtype, transformer=deferred,
                                   transformer_to_device=False)
     pipe.set_progress_bar_config(disable=True)
-    check_sizes(cfg, pipe, set(manifest["bucket"]))
+    check_sizes(cfg, pipe, set(manifest["bucket"]) | set(held_out["bucket"] if held_out else []))
     cache = LatentCache(cfg.data.cache or Path(cfg.data.dataset) / "cache")
     if cfg.data.verify_cache and accelerator.is_main_process:
         for shard, why in cache.verify():
@@ -110,7 +116,8 @@ def load_cached_data(cfg, accelerator, strategy, spec, compute_dtype):
     accelerator.wait_for_everyone()
     cache.refresh()
     encoder = spec.clip_encoder(pipe, cfg.model.path)
-    fill_cache(manifest, cache, encoder, rank, world, progress=accelerator.is_local_main_process)
+    for clips in (manifest, held_out) if held_out else (manifest,):
+        fill_cache(clips, cache, encoder, rank, world, progress=accelerator.is_local_main_process)
     accelerator.wait_for_everyone()
     cache.refresh()
     for component in pipeline_encoders(pipe):  # everything they make is cached: their GPU memory goes to training
@@ -119,7 +126,24 @@ def load_cached_data(cfg, accelerator, strategy, spec, compute_dtype):
     dataset = CachedClipDataset(manifest, cache, encoder.video_id, encoder.text_id)
     if len(dataset) == 0:
         raise UserInputError(f"no clip of {cfg.data.dataset} could be cached; see {cache.folder}/failures-rank*.json")
-    return pipe, dataset, cache.get(dataset.empty_text_key)["text"]
+    held_out = CachedClipDataset(held_out, cache, encoder.video_id, encoder.text_id) if held_out else None
+    return pipe, dataset, held_out, cache.get(dataset.empty_text_key)["text"]
+
+
+def split_eval_clips(cfg):
+    """(the clips to train on, the never-trained clips to evaluate on or None), as manifests: eval.dataset's
+    clips, or the held-out share of data.dataset's source videos (none while eval is off)."""
+    manifest = load_manifest(cfg.data.dataset)
+    if not cfg.eval.every:
+        return manifest, None
+    if cfg.eval.dataset:
+        return manifest, load_manifest(cfg.eval.dataset)
+    held_out = held_out_fingerprints(manifest["fingerprint"], cfg.eval.held_out)
+    if not held_out:
+        return manifest, None
+    keep = [i for i, fingerprint in enumerate(manifest["fingerprint"]) if fingerprint not in held_out]
+    split_off = [i for i, fingerprint in enumerate(manifest["fingerprint"]) if fingerprint in held_out]
+    return manifest.select(keep), manifest.select(split_off)
 
 
 def check_sizes(cfg, pipe, buckets) -> None:
@@ -138,7 +162,7 @@ def make_trainable_run(cfg, accelerator, strategy, spec, pipe, dataset, compute_
     """What trains and how: adapters or every weight, the memory techniques, the optimizer, the engine."""
     torch.manual_seed(cfg.seed)  # the same adapter initialization in every process
     transformer = pipe.transformer
-    lora_config = make_trainable(transformer, cfg.trainer.mode, cfg.lora, spec.default_lora_targets, compute_dtype)
+    lora_config = make_trainable(transformer, cfg.trainer.mode, cfg.lora, spec, compute_dtype)
     if cfg.trainer.gradient_checkpointing:
         transformer.enable_gradient_checkpointing(checkpointing_function(transformer, cfg))
     if cfg.trainer.compile:

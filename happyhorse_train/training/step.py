@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -22,8 +23,13 @@ from happyhorse_train.training import flow_matching as fm
 
 
 def sample_generator(seed: int, step: int, micro_batch: int, clip_id: str) -> torch.Generator:
-    key = hashlib.sha256(f"{seed},{step},{micro_batch},{clip_id}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
+    return keyed_generator(seed, step, micro_batch, clip_id)
+
+
+def keyed_generator(*key: object) -> torch.Generator:
+    """A host generator seeded by a hash of `key`: the same key draws the same values in any process."""
+    digest = hashlib.sha256(",".join(map(str, key)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
 @dataclass(frozen=True)
@@ -41,11 +47,16 @@ class StepContext:
     empty_text: torch.Tensor
 
 
-def batch_loss(batch: dict, generators: list[torch.Generator], ctx: StepContext) -> tuple[torch.Tensor, int]:
-    """The batch's loss and its video-token count. `batch` is on the host, as the loader yields it;
-    `generators` has one host generator per sample, in batch order."""
-    mean, std = batch["latent_mean"], batch["latent_std"]
-    sample_shape, flow = mean.shape[1:], ctx.flow
+class BatchLoss(NamedTuple):
+    loss: torch.Tensor  # what the backward takes: weighted by flow.loss_weighting
+    unweighted: torch.Tensor  # the plain mean squared velocity error, comparable across weightings (detached)
+    tokens: int  # video tokens in the batch
+
+
+def batch_loss(batch: dict, generators: list[torch.Generator], ctx: StepContext) -> BatchLoss:
+    """The batch's training loss. `batch` is on the host, as the loader yields it; `generators` has one host
+    generator per sample, in batch order."""
+    sample_shape, flow = batch["latent_mean"].shape[1:], ctx.flow
 
     def draw(fn):
         return torch.stack([fn(g) for g in generators])
@@ -60,6 +71,18 @@ def batch_loss(batch: dict, generators: list[torch.Generator], ctx: StepContext)
     text, mask = batch["text_states"], batch["text_mask"]
     if ctx.caption_dropout > 0:
         text, mask = drop_captions(text, mask, ctx.empty_text, dropped)
+    errors, sigmas, tokens = velocity_errors(batch, posterior, sigmas, noise, (text, mask), ctx, shifted=True)
+    weights = fm.loss_weights(sigmas, flow.loss_weighting)
+    return BatchLoss(fm.weighted_mean(errors, weights), errors.detach().mean(), tokens)
+
+
+def velocity_errors(batch, posterior, sigmas, noise, text_and_mask, ctx: StepContext, shifted: bool):
+    """Per-sample mean squared error of the predicted velocity, the sigmas used and the batch's video tokens.
+
+    Host tensors in, one per sample: `posterior` draws the latent from the cached mean and std, `sigmas` are the
+    noise levels (shifted here by the training shift when `shifted`), `noise` the noise mixed in.
+    """
+    text, mask = text_and_mask
     if mask.all():
         mask = None  # nothing padded: attention without a mask, which every fast kernel takes
 
@@ -67,21 +90,26 @@ def batch_loss(batch: dict, generators: list[torch.Generator], ctx: StepContext)
         return None if tensor is None else tensor.to(ctx.device, non_blocking=True)
 
     text, mask, noise, sigmas = to_device(text), to_device(mask), to_device(noise), to_device(sigmas)
-    latents = ctx.spec.normalize_latents(ctx.pipe, to_device(mean) + to_device(std) * to_device(posterior))
+    mean, std = to_device(batch["latent_mean"]), to_device(batch["latent_std"])
+    latents = ctx.spec.normalize_latents(ctx.pipe, mean + std * to_device(posterior))
     tokens = ctx.spec.num_tokens(ctx.pipe.transformer, tuple(latents.shape))
-    if flow.resolution_shift:
-        shift = fm.resolution_shift(tokens, flow.base_shift, flow.max_shift, flow.base_tokens, flow.max_tokens)
-    else:
-        shift = flow.shift
-    sigmas = fm.shift_sigmas(sigmas, shift)
+    if shifted:
+        sigmas = fm.shift_sigmas(sigmas, training_shift(ctx.flow, tokens))
     noisy = fm.noisy_latents(latents, noise, sigmas)
     # Autocast here rather than accelerate's: under DeepSpeed accelerate turns its own off, and a bf16
     # DeepSpeed model would then meet float32 inputs.
     dtype = ctx.compute_dtype
     with torch.autocast(ctx.device.type, dtype=dtype, enabled=dtype != torch.float32):
         prediction = ctx.spec.predict_velocity(ctx.model, noisy, fm.timesteps_from_sigmas(sigmas), text, mask)
-    target, weights = fm.velocity_target(latents, noise), fm.loss_weights(sigmas, flow.loss_weighting)
-    return fm.weighted_mse(prediction, target, weights), tokens * latents.shape[0]
+    errors = fm.squared_errors(prediction, fm.velocity_target(latents, noise))
+    return errors, sigmas, tokens * latents.shape[0]
+
+
+def training_shift(flow, tokens_per_sample: int) -> float:
+    """The sigma shift training uses for samples of `tokens_per_sample` video tokens (the `flow` config group)."""
+    if not flow.resolution_shift:
+        return flow.shift
+    return fm.resolution_shift(tokens_per_sample, flow.base_shift, flow.max_shift, flow.base_tokens, flow.max_tokens)
 
 
 def drop_captions(text, mask, empty_text, dropped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

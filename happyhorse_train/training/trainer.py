@@ -20,8 +20,9 @@ from happyhorse_train.memory.offload import encoders_on_device_while_running
 from happyhorse_train.memory.streamed_load import peak_host_ram_bytes
 from happyhorse_train.rendering.validation import render_validation
 from happyhorse_train.training.checkpoint import save_checkpoint
+from happyhorse_train.training.eval_loss import eval_losses
 from happyhorse_train.training.run_setup import Run, set_up_run
-from happyhorse_train.training.step import batch_loss, sample_generator
+from happyhorse_train.training.step import BatchLoss, batch_loss, sample_generator
 
 
 class StopRequest:
@@ -55,12 +56,14 @@ def train(cfg) -> Path:
     accelerator, state, max_steps = run.accelerator, run.state, cfg.trainer.max_steps
     progress = tqdm(total=max_steps, initial=state.step, desc="training", disable=not accelerator.is_main_process)
     window = MetricsWindow(accelerator.device, cfg.trainer.gradient_accumulation_steps)
+    if state.step == 0:
+        log_eval_loss(run)  # the baseline the later evals compare with
     with StopRequest() as stop, progress:  # the signal handlers go back however the loop ends
         for batch, generators in batches(run):
             with accelerator.accumulate(run.model):  # also tells DeepSpeed where the accumulation boundary is
-                loss, tokens = batch_loss(batch, generators, run.step_context)
-                accelerator.backward(loss)  # divided by the accumulation steps (by accelerate, or DeepSpeed)
-            window.add(loss, len(generators), tokens)
+                losses = batch_loss(batch, generators, run.step_context)
+                accelerator.backward(losses.loss)  # divided by the accumulation steps (by accelerate, or DeepSpeed)
+            window.add(losses, len(generators))
             if not accelerator.sync_gradients:
                 continue
             grad_norm = optimizer_step(run)
@@ -142,21 +145,24 @@ class MetricsWindow:
         self.clear()
 
     def clear(self, keep_start: bool = False) -> None:
-        self.loss, self.samples, self.tokens = torch.zeros((), device=self.device), 0, 0
+        self.losses = torch.zeros(2, device=self.device)  # weighted, unweighted
+        self.samples, self.tokens = 0, 0
         if not keep_start:
             self.started = time.perf_counter()
 
-    def add(self, loss: torch.Tensor, samples: int, tokens: int) -> None:
-        self.loss += loss.detach().float() / self.accumulation
+    def add(self, losses: BatchLoss, samples: int) -> None:
+        self.losses += torch.stack([losses.loss.detach().float(), losses.unweighted.float()]) / self.accumulation
         self.samples += samples
-        self.tokens += tokens
+        self.tokens += losses.tokens
 
 
 def log_metrics(run: Run, window: MetricsWindow, grad_norm: torch.Tensor) -> dict:
     accelerator, step = run.accelerator, run.state.step
     seconds, world = time.perf_counter() - window.started, accelerator.num_processes
+    loss, unweighted = accelerator.reduce(window.losses, "mean").tolist()
     metrics = {
-        "loss": accelerator.reduce(window.loss, "mean").item(),
+        "loss": loss,
+        "loss_unweighted": unweighted,
         "lr": run.lr_schedule.get_last_lr()[0],
         "grad_norm": grad_norm.item(),
         "samples_per_s": window.samples * world / seconds,
@@ -170,10 +176,18 @@ def log_metrics(run: Run, window: MetricsWindow, grad_norm: torch.Tensor) -> dic
     return metrics
 
 
+def log_eval_loss(run: Run) -> None:
+    if run.eval_set is not None:
+        metrics = eval_losses(run.eval_set, run.step_context, run.accelerator)
+        run.run_log.log_step(metrics, run.state.step, to_tracker=True)
+
+
 def after_step(run: Run, interrupted: bool) -> None:
-    """The checkpoint (periodic, last, or before a requested stop) and validation videos."""
+    """The eval loss, the checkpoint (periodic, last, or before a requested stop) and validation videos."""
     cfg, step = run.cfg, run.state.step
     done = step >= cfg.trainer.max_steps
+    if done or (cfg.eval.every and step % cfg.eval.every == 0):  # before the checkpoint: a resume redoes both
+        log_eval_loss(run)
     if done or interrupted or (cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0):
         trainer_state = {**asdict(run.state), "sampler": run.sampler.state_dict()}
         save_checkpoint(run, run.output_dir, step, trainer_state, cfg.trainer.keep_checkpoints)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from happyhorse_train.demo.clips import DEMO_CLIPS
 from tests.conftest import REPO, run_script
 from tests.integration.conftest import FAST, make_dataset
-from tests.integration.test_train import losses, train
+from tests.integration.test_train import eval_losses, losses, train
 
 
 @pytest.fixture(scope="module")
@@ -34,24 +34,29 @@ def common(model: Path, dataset: Path, out: Path, steps: int) -> list[str]:
 SIGNAL_RUN_STEPS = 30
 
 
+# An eval loss every 10 steps: the resumed run computes some of them, the stopped one the others.
+SIGNAL_RUN = ["trainer.checkpoint_every=0", "eval.every=10"]
+
+
 @pytest.fixture(scope="module")
-def uninterrupted_losses(dataset, demo_model_dir, tmp_path_factory) -> list[float]:
+def uninterrupted(dataset, demo_model_dir, tmp_path_factory) -> Path:
     """The run a signalled and resumed run must reproduce."""
     out = tmp_path_factory.mktemp("straight")
-    straight = train(*common(demo_model_dir, dataset, out, SIGNAL_RUN_STEPS), "trainer.checkpoint_every=0")
+    straight = train(*common(demo_model_dir, dataset, out, SIGNAL_RUN_STEPS), *SIGNAL_RUN)
     assert straight.returncode == 0, straight.stderr[-2000:]
-    return losses(out)
+    assert sorted(eval_losses(out)) == [0, 10, 20, 30]
+    return out
 
 
 def test_a_signal_writes_a_checkpoint_and_resume_matches_an_uninterrupted_run(
-    uninterrupted_losses, dataset, demo_model_dir, tmp_path
+    uninterrupted, dataset, demo_model_dir, tmp_path
 ):
     signal_to_send = signal.SIGTERM  # (SIGINT takes the same handler: tests/unit/test_stop_request.py)
     steps = SIGNAL_RUN_STEPS
     out = tmp_path / "signalled"
     args = [
         sys.executable, "train.py", "+experiment=demo", *FAST, *common(demo_model_dir, dataset, out, steps),
-        "trainer.checkpoint_every=0",
+        *SIGNAL_RUN,
     ]
     process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
@@ -65,9 +70,10 @@ def test_a_signal_writes_a_checkpoint_and_resume_matches_an_uninterrupted_run(
     assert f"stopped by {signal_to_send.name} at step {stopped_at}" in stdout and stopped_at < steps
     assert (out / "checkpoints" / f"step-{stopped_at:08d}").is_dir()
 
-    resumed = train(*common(demo_model_dir, dataset, out, steps), "trainer.checkpoint_every=0", "resume=latest")
+    resumed = train(*common(demo_model_dir, dataset, out, steps), *SIGNAL_RUN, "resume=latest")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert losses(out) == uninterrupted_losses
+    assert losses(out) == losses(uninterrupted)
+    assert eval_losses(out) == eval_losses(uninterrupted)  # one process both times: bitwise
 
 
 def test_overflowing_steps_are_skipped_then_the_run_halts_with_finite_state(dataset, demo_model_dir, tmp_path):

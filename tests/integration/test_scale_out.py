@@ -18,7 +18,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from happyhorse_train.demo.clips import DEMO_CLIPS
 from tests.conftest import REPO, run_script
 from tests.integration.conftest import FAST, make_dataset
-from tests.integration.test_train import losses
+from tests.integration.test_train import eval_losses, losses
 
 ACCELERATE_CONFIGS = REPO / "configs" / "accelerate"
 # Two clips of one bucket: one process with batch 2 and two processes with batch 1 each see both clips every
@@ -61,6 +61,10 @@ def final_weights(out: Path, mode: str) -> dict[str, torch.Tensor]:
 
 def assert_same_run(reference: Path, other: Path, mode: str) -> None:
     assert losses(other) == pytest.approx(losses(reference), rel=TOLERANCE)
+    # The eval loss before training and after the last step (a resumed run also has one at its first stop).
+    expected_evals, got_evals = eval_losses(reference), eval_losses(other)
+    assert sorted(expected_evals) == [0, 4] and expected_evals[4] != expected_evals[0]
+    assert {step: got_evals[step] for step in expected_evals} == pytest.approx(expected_evals, rel=TOLERANCE)
     expected, got = final_weights(reference, mode), final_weights(other, mode)
     assert sorted(got) == sorted(expected)
     changed = 0

@@ -35,16 +35,16 @@ def test_a_step_logs_checkpoints_and_exports(run):
     batch, generators = next(batches(run))
     assert len(generators) == batch["latent_mean"].shape[0] == 2 and run.state.batches_in_epoch == 1
     window = MetricsWindow(run.accelerator.device, accumulation=1)
-    loss, tokens = batch_loss(batch, generators, run.step_context)
-    run.accelerator.backward(loss)
-    window.add(loss, len(generators), tokens)
+    losses = batch_loss(batch, generators, run.step_context)
+    run.accelerator.backward(losses.loss)
+    window.add(losses, len(generators))
     before = [p.detach().clone() for p in run.params]
     grad_norm = optimizer_step(run)
     assert grad_norm is not None and torch.isfinite(grad_norm) and run.state.step == 1
     assert any(not torch.equal(a, b) for a, b in zip(before, run.params))
 
     metrics = log_metrics(run, window, grad_norm)
-    assert metrics["loss"] == pytest.approx(loss.item()) and metrics["tokens_per_s"] > 0
+    assert metrics["loss"] == pytest.approx(losses.loss.item()) and metrics["tokens_per_s"] > 0
     assert [row["step"] for row in read_metrics(run.output_dir / "metrics.jsonl")] == [1]
 
     after_step(run, interrupted=False)  # step 1 of 3, checkpoint_every=2: nothing to write

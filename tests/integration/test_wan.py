@@ -56,7 +56,7 @@ def test_diffusers_wan_pipeline_loads_our_lora_and_renders_what_training_had(wan
     spec = get_spec("wan", max_sequence_length=32)
     ours = spec.load_pipeline(wan_model, torch.device("cpu"), torch.float32)
     lora = SimpleNamespace(rank=8, alpha=8.0, dropout=0.0, target_modules=None, init="default")  # the demo experiment's
-    make_trainable(ours.transformer, "lora", lora, spec.default_lora_targets, torch.float32)
+    make_trainable(ours.transformer, "lora", lora, spec, torch.float32)
     trained = load_file(wan_run / "checkpoints" / "step-00000004" / "trainable.safetensors")
     params = dict(ours.transformer.named_parameters())
     with torch.no_grad():

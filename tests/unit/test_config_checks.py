@@ -22,6 +22,11 @@ VALIDATION_ON = ("validation.every=5", "validation.prompts=[a]")  # (its checks 
         ("memory.base_weights=fp4", "memory.base_weights='fp4': use one of bf16, int8, nf4, fp8, fp8-block"),
         ("optimizer.scheduler=step", "optimizer.scheduler='step': use one of constant, linear, cosine"),
         ("lora.init=loftq", "lora.init='loftq': use one of default, gaussian, pissa, olora"),
+        ("eval.every=-1", "eval.every=-1: must be 0 or more"),
+        ("eval.held_out=1.0", "eval.held_out=1.0: must be in [0, 1)"),
+        ("eval.sigmas=[0.5,1.5]", "eval.sigmas=[0.5, 1.5]: give one or more noise levels in (0, 1]"),
+        ("eval.sigmas=[]", "eval.sigmas=[]: give one or more noise levels in (0, 1]"),
+        ("eval.dataset=/nonexistent", "eval.dataset=/nonexistent: not a clip dataset folder"),
     ],
 )
 def test_a_bad_value_is_named_with_what_to_use(override, message, tmp_path):

@@ -5,6 +5,9 @@ import math
 import pytest
 import torch
 
+from happyhorse_train.models.presets import load_preset
+from happyhorse_train.planner.facts import meta_transformer
+from happyhorse_train.planner.request import latent_shape
 from happyhorse_train.training import flow_matching as fm
 
 BIG = 20_000
@@ -45,7 +48,7 @@ def test_perfect_velocity_gives_zero_loss_and_recovers_data():
     sigmas = torch.tensor([0.1, 0.5, 0.9])
     noisy = fm.noisy_latents(x0, noise, sigmas)
     target = fm.velocity_target(x0, noise)
-    assert fm.weighted_mse(target, target, fm.loss_weights(sigmas, "cosmap")).item() == 0.0
+    assert fm.weighted_mean(fm.squared_errors(target, target), fm.loss_weights(sigmas, "cosmap")).item() == 0.0
     # One Euler step of size -sigma along the true velocity lands on the data.
     torch.testing.assert_close(noisy - sigmas.view(-1, 1, 1, 1, 1) * target, x0, atol=1e-6, rtol=1e-5)
 
@@ -122,12 +125,32 @@ def test_resolution_shift_interpolates_and_grows_with_tokens():
     assert fm.resolution_shift(256) == pytest.approx(math.exp(0.5))
     assert fm.resolution_shift(4096) == pytest.approx(math.exp(1.15))
     assert fm.resolution_shift(2176) == pytest.approx(math.exp((0.5 + 1.15) / 2))
-    tokens = [16, 256, 1024, 4096, 16384]
+    tokens = [256, 1024, 2048, 4096]
     shifts = [fm.resolution_shift(n) for n in tokens]
     assert shifts == sorted(shifts) and len(set(shifts)) == len(shifts)
     assert fm.resolution_shift(100, base_shift=0.2, max_shift=0.8, base_tokens=100, max_tokens=200) == pytest.approx(
         math.exp(0.2)
     )
+
+
+def eight_b_tokens(width: int, height: int, frames: int) -> int:
+    """Video tokens of one 8b-preset clip, counted as training counts them (the spec's num_tokens)."""
+    preset = load_preset("8b")
+    model, spec = meta_transformer(preset)
+    return spec.num_tokens(model, latent_shape(preset, width, height, frames))
+
+
+def test_resolution_shift_is_held_at_the_ends_of_its_line():
+    tokens = eight_b_tokens(720, 480, 121)
+    assert tokens == 41_850  # past max_tokens: the extrapolated line gave a shift of ~1880 here
+    assert fm.resolution_shift(tokens) == pytest.approx(math.exp(1.15))
+    assert fm.resolution_shift(eight_b_tokens(720, 480, 49)) == pytest.approx(math.exp(1.15))  # was ~31
+    assert fm.resolution_shift(16) == pytest.approx(math.exp(0.5))
+    shifted = fm.shift_sigmas(draw("logit_normal"), fm.resolution_shift(tokens))
+    assert (shifted > 0.99).float().mean() < 0.01  # 0.03 % over 10^6 draws; unbounded it was 99.8 %
+    # a falling line (max_shift below base_shift) is held at its ends too
+    assert fm.resolution_shift(10**6, base_shift=1.0, max_shift=0.5) == pytest.approx(math.exp(0.5))
+    assert fm.resolution_shift(0, base_shift=1.0, max_shift=0.5) == pytest.approx(math.exp(1.0))
 
 
 def test_loss_weights():
@@ -151,10 +174,12 @@ def test_loss_is_weighted_per_sample_mean_in_float32():
     prediction[0] = 1.0  # per-sample MSE 1
     prediction[1] = 2.0  # per-sample MSE 4
     prediction[2, 0, 0] = 8.0  # per-sample MSE 64 / 8 = 8
-    assert fm.weighted_mse(prediction, target, torch.ones(3)).item() == pytest.approx((1 + 4 + 8) / 3)
+    errors = fm.squared_errors(prediction, target)
+    assert errors.tolist() == [1.0, 4.0, 8.0]
+    assert fm.weighted_mean(errors, torch.ones(3)).item() == pytest.approx((1 + 4 + 8) / 3)
     # A zero weight removes that sample's contribution entirely.
-    assert fm.weighted_mse(prediction, target, torch.tensor([1.0, 0.0, 1.0])).item() == pytest.approx(3.0)
-    half = fm.weighted_mse(prediction.bfloat16(), target.bfloat16(), torch.ones(3).bfloat16())
+    assert fm.weighted_mean(errors, torch.tensor([1.0, 0.0, 1.0])).item() == pytest.approx(3.0)
+    half = fm.weighted_mean(fm.squared_errors(prediction.bfloat16(), target.bfloat16()), torch.ones(3).bfloat16())
     assert half.dtype == torch.float32 and half.dim() == 0
 
 

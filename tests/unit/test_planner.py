@@ -41,7 +41,7 @@ def _trained_model(preset_name: str, lora_rank: int | None, folder):
     lora = OmegaConf.create({"rank": lora_rank or 1, "alpha": lora_rank or 1, "dropout": 0.0, "target_modules": None,
                              "init": "gaussian"})
     mode = "full" if lora_rank is None else "lora"
-    make_trainable(model, mode, lora, spec.default_lora_targets, torch.bfloat16)
+    make_trainable(model, mode, lora, spec, torch.bfloat16)
     return model.train(), spec
 
 
@@ -91,7 +91,7 @@ def test_meta_parameter_and_lora_bytes_equal_a_real_models_tensors():
     torch.manual_seed(0)
     model = HappyHorseTransformer3DModel(**preset["transformer"])
     lora = OmegaConf.create({"rank": RANK, "alpha": RANK, "dropout": 0.0, "target_modules": None, "init": "default"})
-    make_trainable(model, "lora", lora, HappyHorseSpec.default_lora_targets, torch.bfloat16)  # as the trainer does
+    make_trainable(model, "lora", lora, HappyHorseSpec(), torch.bfloat16)  # as the trainer does
     frozen = [p for p in model.parameters() if not p.requires_grad]
     trained = [p for p in model.parameters() if p.requires_grad]
     assert facts.base_bytes("bf16") == sum(p.numel() * p.element_size() for p in frozen)

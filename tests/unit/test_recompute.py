@@ -19,7 +19,7 @@ def lora_model():
     lora = OmegaConf.load(CONFIG_DIR / "lora" / "default.yaml")
     lora.rank, lora.dropout = 4, 0.0
     torch.manual_seed(1)
-    make_trainable(model, "lora", lora, get_spec("happyhorse").default_lora_targets, torch.float32)
+    make_trainable(model, "lora", lora, get_spec("happyhorse"), torch.float32)
     with torch.no_grad():
         for param in model.parameters():
             if param.requires_grad:  # LoRA B starts at zero: random adapters give every adapter a gradient

@@ -12,9 +12,18 @@ class HappyHorseSpec(ModelSpec):
     name = "happyhorse"
     pipeline_class = HappyHorsePipeline
     transformer_class = HappyHorseTransformer3DModel
-    # Every attention projection (incl. the per-head gate) and the SwiGLU MLP, in shared and sandwich blocks.
+    # Every attention projection (incl. the per-head gate) and the SwiGLU MLP, in shared and sandwich blocks
+    # (less the last block's dead text layers: unreachable_modules).
     default_lora_targets = ["to_q", "to_k", "to_v", "to_gate", "to_out", "gate_proj", "up_proj", "down_proj"]
     feed_forward_classes = ("SwiGLU",)
+
+    def unreachable_modules(self, transformer):
+        # Only video tokens leave the last block; its text tokens reach them only as attention keys and values.
+        last = len(transformer.blocks) - 1
+        if not transformer.blocks[last].modality_specific:
+            return []
+        dead = ("attn.to_q", "attn.to_gate", "attn.to_out", "ff.gate_proj", "ff.up_proj", "ff.down_proj")
+        return [f"blocks.{last}.text.{name}" for name in dead]
 
     def clip_encoder(self, pipe, path):
         return HappyHorseClipEncoder(pipe, path, self.max_sequence_length)
