@@ -22,7 +22,7 @@ from happyhorse_train.training.step import StepContext, keyed_generator, velocit
 def held_out_fingerprints(fingerprints: list[str], share: float) -> set[str]:
     """The source videos (by content fingerprint) kept out of training: the first floor(share * videos) in the
     order of a hash of the fingerprint, so the split does not depend on file names, order or seed."""
-    distinct = sorted(set(fingerprints), key=lambda f: hashlib.blake2b(f.encode(), digest_size=8).digest())
+    distinct = sorted(set(fingerprints), key=_hash)
     return set(distinct[: math.floor(share * len(distinct))])
 
 
@@ -51,7 +51,7 @@ class EvalSet:
         ]
 
     def describe(self) -> str:
-        clips = {name: len({(c.index) for c in self.chunks if c.group == name}) for name in self.groups}
+        clips = {name: len({c.index for c in self.chunks if c.group == name}) for name in self.groups}
         listed = ", ".join(f"{count} {name.replace('_', '-')} clip(s)" for name, count in clips.items())
         return f"{listed} at sigmas {', '.join(f'{s:g}' for s in self.sigmas)}"
 
