@@ -59,17 +59,19 @@ def _like_a_trained_vae(vae: AutoencoderKLWan, z_dim: int) -> None:
         vae.quant_conv.bias[:z_dim] *= 5.0
 
 
-def build_random_pipeline(preset: dict | str, seed: int = 0):
+def build_random_pipeline(preset: dict | str, seed: int = 0, vae: AutoencoderKLWan | None = None):
     """Random-weight components sized by the preset, in float32 on the CPU, in eval mode as from_pretrained gives them.
 
-    (Freshly built modules start in training mode, where the text encoder's dropout would make sampling random.)
+    `vae` replaces the random VAE (the demo passes its trained one). (Freshly built modules start in training mode,
+    where the text encoder's dropout would make sampling random.)
     """
     preset = load_preset(preset) if isinstance(preset, str) else preset
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(**preset["tokenizer"])
     z_dim = preset["vae"].get("z_dim", 16)
-    vae = AutoencoderKLWan(**preset["vae"], latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim)
-    _like_a_trained_vae(vae, z_dim)
+    if vae is None:
+        vae = AutoencoderKLWan(**preset["vae"], latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim)
+        _like_a_trained_vae(vae, z_dim)
     text_config = UMT5Config(**{**preset["text_encoder"], "vocab_size": len(tokenizer)}, pad_token_id=0,
                              eos_token_id=1, decoder_start_token_id=0)
     spec = get_spec(preset["backbone"])
@@ -82,7 +84,8 @@ def build_random_pipeline(preset: dict | str, seed: int = 0):
     )
 
 
-def write_random_model(out_dir: str | Path, preset: dict | str = "tiny", seed: int = 0) -> Path:
+def write_random_model(out_dir: str | Path, preset: dict | str = "tiny", seed: int = 0,
+                       vae: AutoencoderKLWan | None = None) -> Path:
     out_dir = Path(out_dir)
-    build_random_pipeline(preset, seed).save_pretrained(out_dir)
+    build_random_pipeline(preset, seed, vae).save_pretrained(out_dir)
     return out_dir

@@ -163,7 +163,7 @@ def test_fsdp_in_bf16_with_accumulation_trains_as_one_process_does(two_clips, de
     run(two_clips, demo_model_dir, tmp_path / "one", "lora", *bf16)
     run(two_clips, demo_model_dir, tmp_path / "fsdp", "lora", *bf16, config="fsdp", processes=2)
     expected, got = losses(tmp_path / "one"), losses(tmp_path / "fsdp")
-    assert got[0] == pytest.approx(expected[0], rel=1e-6)
+    assert got[0] == pytest.approx(expected[0], rel=2e-5)  # measured up to 5.6e-6 (bf16 rounding order, by clip)
     assert got == pytest.approx(expected, rel=1e-3)  # later steps: FSDP computes with the adapter cast to bf16
 
 
