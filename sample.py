@@ -17,6 +17,7 @@ from happyhorse_train.errors import UserInputError, report_user_errors
 from happyhorse_train.models.backbones import get_spec
 from happyhorse_train.models.geometry import video_latent_shape
 from happyhorse_train.models.lora_formats import apply_loras
+from happyhorse_train.rendering.contact_sheet import write_lora_sheets
 from happyhorse_train.rendering.sample_pipeline import load_inference_pipeline
 from happyhorse_train.rendering.videos import render_prompts, save_videos
 from happyhorse_train.runtime import resolve_device, resolve_dtype
@@ -34,13 +35,19 @@ def main(cfg: DictConfig) -> None:
     device = resolve_device(cfg.device)
     spec = get_spec(cfg.model.backbone, cfg.max_sequence_length)
     dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.contact_sheet and not cfg.loras:
+        raise UserInputError("contact_sheet=true compares the base model with LoRAs: give loras=[...] too")
     pipe = load_inference_pipeline(spec, cfg.model.path, device, dtype, cfg.memory, cfg.compile)
+    video_latent_shape(pipe, cfg.height, cfg.width, cfg.num_frames)  # fail on a bad size before encoding anything
+    base = render_prompts(pipe, list(cfg.prompts), cfg) if cfg.contact_sheet else None
     apply_loras(pipe, list(cfg.loras), list(cfg.lora_scales))
 
-    video_latent_shape(pipe, cfg.height, cfg.width, cfg.num_frames)  # fail on a bad size before encoding anything
     videos = render_prompts(pipe, list(cfg.prompts), cfg)
     for path in save_videos(videos, list(cfg.prompts), cfg.output_dir, cfg.fps, tag=f"_seed{cfg.seed}"):
         print(f"wrote {path}")
+    if base is not None:
+        for path in write_lora_sheets(list(cfg.prompts), base, videos, cfg.output_dir, cfg.reference_dataset):
+            print(f"wrote {path} (rows: training clip if the dataset has one, base model, with the LoRAs)")
 
 
 if __name__ == "__main__":

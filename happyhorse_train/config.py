@@ -62,6 +62,8 @@ class SampleConfig:
     dtype: str = "auto"
     memory: SampleMemoryConfig = field(default_factory=SampleMemoryConfig)
     compile: bool = False
+    contact_sheet: bool = False
+    reference_dataset: Optional[str] = None
 
 
 @dataclass

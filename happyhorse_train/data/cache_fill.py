@@ -49,7 +49,8 @@ def required_entries(manifest, encoder: ClipEncoder) -> tuple[dict[str, dict], d
     return videos, texts
 
 
-def _pixels(row: dict) -> torch.Tensor:
+def clip_pixels(row: dict) -> torch.Tensor:
+    """A manifest row's frames as the cache encodes them: (3, T, H, W) in [-1, 1] at its bucket size."""
     indices = source_frame_indices(
         row["start_frame"], row["num_frames"], row["source_fps"] or 1.0, row["target_fps"] or 1.0
     )
@@ -99,7 +100,7 @@ def fill_cache(
     for key in missing_videos:
         row = videos[key]
         try:
-            entry = encoder.encode_video(_pixels(row))
+            entry = encoder.encode_video(clip_pixels(row))
             bad = [name for name, tensor in entry.items() if not torch.isfinite(tensor).all()]
             if bad:
                 raise NonFiniteTensor(f"the VAE gave non-finite {', '.join(bad)}")

@@ -180,6 +180,8 @@ def log_eval_loss(run: Run) -> None:
     if run.eval_set is not None:
         metrics = eval_losses(run.eval_set, run.step_context, run.accelerator)
         run.run_log.log_step(metrics, run.state.step, to_tracker=True)
+        if run.accelerator.is_main_process:
+            tqdm.write(f"step {run.state.step}: " + ", ".join(f"{name} {value:.4f}" for name, value in metrics.items()))
 
 
 def after_step(run: Run, interrupted: bool) -> None:

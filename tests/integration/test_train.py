@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from happyhorse_train.demo.clips import DEMO_CLIPS
+from happyhorse_train.rendering.contact_sheet import LABEL_HEIGHT
 from happyhorse_train.training.run_log import read_metrics
 from tests.conftest import REPO, run_script
 from tests.integration.conftest import FAST, make_dataset
@@ -147,7 +149,7 @@ def demo_run(dataset, demo_model_dir, tmp_path_factory) -> Path:
     return out
 
 
-def test_the_trained_lora_loads_in_sample_py_and_changes_the_video(demo_run, demo_model_dir, tmp_path):
+def test_the_trained_lora_loads_in_sample_py_and_changes_the_video(demo_run, demo_model_dir, dataset, tmp_path):
     lora = demo_run / "lora" / "pytorch_lora_weights.safetensors"
     with safe_open(lora, framework="pt") as handle:
         metadata = handle.metadata()
@@ -157,11 +159,21 @@ def test_the_trained_lora_loads_in_sample_py_and_changes_the_video(demo_run, dem
 
     # 64 wide: decord 0.6.0 mis-reads frames exactly 48 px wide (docs/data.md)
     common = [f"model.path={demo_model_dir}", "height=32", "width=64", "num_frames=5", "num_inference_steps=3"]
-    plain = run_script("sample.py", *common, f"output_dir={tmp_path / 'plain'}")
-    with_lora = run_script("sample.py", *common, f"output_dir={tmp_path / 'lora'}", f"loras=[{lora}]")
-    assert plain.returncode == 0 and with_lora.returncode == 0, with_lora.stderr[-2000:]
-    frames = [_read(next((tmp_path / name).glob("*.mp4"))) for name in ("plain", "lora")]
-    assert np.abs(frames[0].astype(int) - frames[1].astype(int)).mean() > 0.5
+    result = run_script("sample.py", *common, f"output_dir={tmp_path}", f"loras=[{lora}]", "contact_sheet=true",
+                        f"reference_dataset={dataset}")  # the default prompt is the first demo clip's caption
+    assert result.returncode == 0, result.stderr[-2000:]
+    sheet = np.asarray(Image.open(next(tmp_path.glob("*_sheet.png"))).convert("RGB")).astype(int)
+    row = 32 + LABEL_HEIGHT
+    assert sheet.shape[0] == 3 * row  # training clip, base model, with the LoRA
+    clip, base, with_lora = (sheet[i * row + LABEL_HEIGHT : (i + 1) * row] for i in range(3))
+    assert np.abs(base - with_lora).mean() > 0.5
+    # The LoRA's video is the one sample.py wrote (H.264 on these noise-like frames: ~9 of 255 from the PNG's row,
+    # measured; the base row is further still).
+    video = _read(next(tmp_path.glob("*.mp4")))[0, :, :64].astype(int)
+    assert np.abs(video - with_lora[:, :64]).mean() < np.abs(video - base[:, :64]).mean()
+    # The clip row is the dataset's red circle on its dark ground. Its 3:2 frames are 48 wide at this height and
+    # the samples 64, so the row ends in white: look inside the first frame.
+    assert clip[:, :32].mean() < 80 and clip[..., 0].max() > 180
 
 
 def _read(path: Path) -> np.ndarray:
