@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on a CPU machine: set up, build the tiny demo model and clips, turn the clips into a
-# dataset, cache their latents, train a LoRA (validation samples included), and render with it.
+# dataset, cache their latents, train a LoRA (validation samples included), and render with and without it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -10,7 +10,15 @@ python data_tools/make_demo.py --out demo
 python data_tools/prepare_clips.py demo/clips demo/dataset --bucket 17x96x144 --bucket 17x144x96 --mode sliding
 python data_tools/cache_latents.py demo/dataset --model demo/model --max-sequence-length 64
 run="runs/demo-$(date +%Y%m%d-%H%M%S)"   # a new folder each time: an earlier run is never overwritten
-python train.py +experiment=demo output_dir="$run"
-python sample.py model.path=demo/model output_dir="$run/samples" "loras=[$run/lora]" \
-    'prompts=["a red circle moving left to right on a dark background"]'
-echo "demo done: LoRA in $run/lora, loss curve $run/loss_curve.png, videos in $run/validation and $run/samples"
+# Longer and harder than the demo experiment's quick defaults (which the tests build on), so that the LoRA shows:
+# the base is random, so the adapter also takes the timestep path and the in/out projections (docs/training.md).
+python train.py +experiment=demo output_dir="$run" trainer.max_steps=1000 trainer.checkpoint_every=500 \
+    eval.every=250 validation.every=500 optimizer.lr=1e-2 optimizer.scheduler=cosine lora.rank=32 lora.alpha=32 \
+    flow.sigma_sampling=uniform flow.shift=3 \
+    'lora.target_modules=[to_q,to_k,to_v,to_gate,to_out,gate_proj,up_proj,down_proj,video_in,proj_out,time_modulation.1,time_embed.0,time_embed.2]'
+# The same seed with and without the LoRA, beside the training clip: one contact sheet PNG per prompt.
+python sample.py model.path=demo/model output_dir="$run/samples" "loras=[$run/lora]" num_inference_steps=30 \
+    contact_sheet=true reference_dataset=demo/dataset \
+    'prompts=["a red circle moving left to right on a dark background","a blue square moving top to bottom on a white background"]'
+echo "demo done: LoRA in $run/lora, loss curve $run/loss_curve.png, videos in $run/validation and $run/samples,"
+echo "contact sheets (training clip / base model / with the LoRA) in $run/samples/*_sheet.png"
