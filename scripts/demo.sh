@@ -16,6 +16,14 @@ python train.py +experiment=demo output_dir="$run" trainer.max_steps=1000 traine
     eval.every=250 validation.every=500 optimizer.lr=1e-2 optimizer.scheduler=cosine lora.rank=32 lora.alpha=32 \
     flow.sigma_sampling=uniform flow.shift=3 \
     'lora.target_modules=[to_q,to_k,to_v,to_gate,to_out,gate_proj,up_proj,down_proj,video_in,proj_out,time_modulation.1,time_embed.0,time_embed.2]'
+python - "$run/metrics.jsonl" <<'PY'
+import sys
+from pathlib import Path
+from happyhorse_train.training.run_log import read_metrics
+rows = read_metrics(Path(sys.argv[1]), "eval_loss")
+print(f"eval loss (fixed noise): {rows[0]['eval_loss']:.3f} at step {rows[0]['step']}, "
+      f"{rows[-1]['eval_loss']:.3f} at step {rows[-1]['step']}")
+PY
 # The same seed with and without the LoRA, beside the training clip: one contact sheet PNG per prompt.
 python sample.py model.path=demo/model output_dir="$run/samples" "loras=[$run/lora]" num_inference_steps=30 \
     contact_sheet=true reference_dataset=demo/dataset \
