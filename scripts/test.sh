@@ -10,4 +10,7 @@ ruff check .
 # cores, again whenever the venv moves). Build them here, once, not inside whichever scale-out test runs first.
 python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" > /dev/null 2>&1 \
     || echo "note: DeepSpeed's CPU shared-memory op did not build here; the first scale-out test will try again"
-python -m pytest "$@"
+# Two workers, each taking whole test files (so a file's fixtures are built once): most of a test's time is a
+# subprocess importing torch and diffusers on one core. One torch thread per process: two workers whose torch
+# each spins two threads on two cores run the compute-heavy tests several times slower. -n 0: one process.
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} python -m pytest -n 2 --dist loadfile "$@"

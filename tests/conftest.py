@@ -29,7 +29,14 @@ def wan_model_dir(tmp_path_factory) -> Path:
 def run_script(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """Run one of the repo's entry points as a user would, in a fresh interpreter."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if "accelerate.commands.launch" in args:  # pytest-xdist workers launch at once: one rendezvous port each
+        at = args.index("accelerate.commands.launch") + 1
+        args = (*args[:at], "--main_process_port", str(29500 + _worker_number()), *args[at:])
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def _worker_number() -> int:
+    return int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
 
 
 def make_random_lora(model_dir: Path, out_dir: Path, seed: int, rank: int = 4, scale: float = 0.5) -> Path:
