@@ -23,7 +23,8 @@ class RunHalted(ClearError, RuntimeError):
 
 
 def report_user_errors(main: F) -> F:
-    """Wrap an entry point so a `ClearError` prints `error: <message>` and exits with status 2."""
+    """Wrap an entry point so a `ClearError` prints `error: <message>` and exits with status 2, and Ctrl-C one
+    line and 130."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -32,5 +33,9 @@ def report_user_errors(main: F) -> F:
         except ClearError as error:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(2)
+        except KeyboardInterrupt:  # Ctrl-C outside a training loop (which stops at a checkpoint instead)
+            print("error: interrupted; every file written completely is kept (each is written whole, then "
+                  "renamed), so running the command again continues from them", file=sys.stderr)
+            sys.exit(130)
 
     return wrapper  # type: ignore[return-value]

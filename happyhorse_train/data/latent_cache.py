@@ -64,9 +64,13 @@ class LatentCache:
     def refresh(self, write_index: bool = False) -> None:
         """Pick up shards written since (by this or another process); optionally rewrite index.json."""
         index_path = self.folder / INDEX_FILE
-        index: dict[str, list[str]] = json.loads(index_path.read_text()) if index_path.is_file() else {}
+        try:
+            index: dict[str, list[str]] = json.loads(index_path.read_text()) if index_path.is_file() else {}
+            torn = False
+        except json.JSONDecodeError:  # a torn write: the shards are the truth, so it is rebuilt from them
+            index, torn = {}, True
         present = sorted(p.name for p in self.shard_dir.glob("*.safetensors"))
-        changed = bool(set(index) - set(present))
+        changed = torn or bool(set(index) - set(present))
         index = {name: keys for name, keys in index.items() if name in present}
         for name in present:
             if name in index:

@@ -11,8 +11,12 @@ A checkpoint is a folder `<output_dir>/checkpoints/step-00000250/` holding:
                           noise is keyed by step and clip, see training/step.py, and needs none)
   trainer_state.json      step, data position (epoch, batches taken), counters, world size, engine
 
-It is written into a hidden `.step-...tmp` folder and renamed when complete, so a folder with a
-checkpoint's name is always whole; `latest_checkpoint` never sees a half-written one.
+  manifest.json           every other file's size and blake2b checksum, written last
+
+It is written into a hidden `.step-...tmp` folder and renamed when complete, and pruned by renaming it hidden
+before deleting, so a folder with a checkpoint's name is always whole. A resume checks the manifest first: a
+truncated, flipped or missing file is found before anything loads, and `resume=latest` falls back to the newest
+checkpoint that checks out.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -30,9 +35,11 @@ from safetensors import SafetensorError
 from torch.distributed.checkpoint.api import CheckpointException
 
 from happyhorse_train.errors import RunHalted, UserInputError
+from happyhorse_train.files import file_digest, write_atomic
 from happyhorse_train.training.distributed import Replicated
 
 CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
 _NAME = re.compile(r"^step-(\d{8})$")
 
 
@@ -49,8 +56,12 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
-def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
-    """The checkpoint to resume from, or None for a fresh run; refuses to start over a run with checkpoints."""
+def resolve_resume(output_dir: Path, resume: str | None, log: Callable[[str], None]) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh run; refuses to start over a run with checkpoints.
+
+    `resume=latest` takes the newest checkpoint whose files match its manifest, saying which it skipped and why;
+    a named checkpoint that does not match is refused.
+    """
     existing = list_checkpoints(output_dir)
     if resume is None:
         if existing:
@@ -62,11 +73,54 @@ def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
     if resume == "latest":
         if not existing:
             raise UserInputError(f"resume=latest but {output_dir / CHECKPOINTS} holds no complete checkpoint")
-        return existing[-1]
+        for path in reversed(existing):
+            damage = checkpoint_damage(path)
+            if damage is None:
+                return path
+            log(f"checkpoint {path} is damaged ({damage}): trying the one before it")
+        raise UserInputError(
+            f"resume=latest: every checkpoint in {output_dir / CHECKPOINTS} is damaged (see above); start a new "
+            "run in another output_dir"
+        )
     path = Path(resume)
-    if not (path / "trainer_state.json").is_file():
+    if not (path / "trainer_state.json").is_file() and not (path / MANIFEST).is_file():
         raise UserInputError(f"resume={resume}: not a checkpoint folder (no trainer_state.json)")
+    damage = checkpoint_damage(path)
+    if damage is not None:
+        raise UserInputError(
+            f"resume={resume}: the checkpoint is damaged ({damage}); resume=latest takes the newest intact one"
+        )
     return path
+
+
+def write_manifest(folder: Path) -> None:
+    """Record every file's size and checksum; written last, so its presence means the rest was complete."""
+    files = {
+        str(file.relative_to(folder)): {"bytes": file.stat().st_size, "blake2b": file_digest(file)}
+        for file in sorted(folder.rglob("*")) if file.is_file() and file.name != MANIFEST
+    }
+    write_atomic(folder / MANIFEST, lambda path: path.write_text(json.dumps({"files": files}, indent=1)))
+
+
+def checkpoint_damage(folder: Path) -> str | None:
+    """Why `folder` does not match its manifest (the first file that differs), or None when every file does."""
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST}: its write did not finish"
+    except (ValueError, KeyError, TypeError):
+        return f"{MANIFEST} is unreadable"
+    if "trainer_state.json" not in files:
+        return f"{MANIFEST} lists no trainer_state.json"
+    for name, expected in files.items():
+        file = folder / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != expected["bytes"]:
+            return f"{name} has {file.stat().st_size} bytes, {expected['bytes']} were written"
+        if file_digest(file) != expected["blake2b"]:
+            return f"{name} does not match its checksum"
+    return None
 
 
 @dataclass
@@ -99,7 +153,7 @@ def restore_rng(state: dict) -> None:
 
 
 def save_checkpoint(live: Checkpointable, output_dir: Path, step: int, trainer_state: dict, keep: int) -> Path:
-    """Write a checkpoint from every process (each its RNG, the main one the rest); then prune old ones."""
+    """Write a checkpoint from every process (each its RNG, the main one the rest and the manifest); then prune."""
     accelerator = live.accelerator
     final = checkpoint_dir(output_dir, step)
     temporary = final.with_name(f".{final.name}.tmp")
@@ -107,40 +161,71 @@ def save_checkpoint(live: Checkpointable, output_dir: Path, step: int, trainer_s
         shutil.rmtree(temporary, ignore_errors=True)  # left by a run killed while writing this step
         temporary.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    failure = None
-    try:
-        # The engine's collective writes come first: a process that had given up on a write of its own before
-        # them would leave the others waiting in their collectives.
-        live.strategy.save_engine_state(accelerator, temporary, live.model, live.optimizer)
-        torch.save(rng_state(), temporary / f"rng-rank{accelerator.process_index}.pt")
-        if accelerator.is_main_process:
-            torch.save(live.lr_schedule.state_dict(), temporary / "scheduler.pt")
-            if live.ema is not None:
-                torch.save(live.ema.state_dict(), temporary / "ema.pt")
-            state = {**trainer_state, "step": step, "world_size": accelerator.num_processes,
-                     "engine": live.strategy.name}
-            (temporary / "trainer_state.json").write_text(json.dumps(state, indent=2))
-    except (OSError, RuntimeError, SafetensorError, CheckpointException) as error:  # a failed write, as each says
-        failure = error
-    # Every process learns whether any write failed, so none waits for another that has given up.
-    failed = accelerator.reduce(torch.tensor(float(failure is not None), device=accelerator.device), "max").item() > 0
-    if failed:
+    failure = _attempt(lambda: _write_parts(live, temporary, step, trainer_state))
+    # The manifest comes once every process's files are written (the reduce waits for all of them).
+    if not _any_failed(accelerator, failure) and accelerator.is_main_process:
+        failure = _attempt(lambda: write_manifest(temporary))
+    if _any_failed(accelerator, failure):
         if accelerator.is_main_process:
             shutil.rmtree(temporary, ignore_errors=True)
-        previous = list_checkpoints(output_dir)
-        kept = f"the last complete checkpoint, {previous[-1]}, is intact" if previous else "there is no earlier one"
         reason = f" ({failure})" if failure is not None else " (on another process)"
         raise RunHalted(
-            f"could not write the step-{step} checkpoint{reason}: is the disk full? {kept}; free space, then "
-            f"continue with resume=latest"
+            f"could not write the step-{step} checkpoint{reason}: is the disk full? {last_checkpoint_line(output_dir)}"
+            "; free space, then continue with resume=latest"
         )
     if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
+        _discard(final)
         temporary.rename(final)
         for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+            _discard(old)
+        for leftover in final.parent.glob(".step-*.deleting"):  # left by a run killed while pruning
+            shutil.rmtree(leftover, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _write_parts(live: Checkpointable, folder: Path, step: int, trainer_state: dict) -> None:
+    accelerator = live.accelerator
+    # The engine's collective writes come first: a process that had given up on a write of its own before
+    # them would leave the others waiting in their collectives.
+    live.strategy.save_engine_state(accelerator, folder, live.model, live.optimizer)
+    torch.save(rng_state(), folder / f"rng-rank{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        torch.save(live.lr_schedule.state_dict(), folder / "scheduler.pt")
+        if live.ema is not None:
+            torch.save(live.ema.state_dict(), folder / "ema.pt")
+        state = {**trainer_state, "step": step, "world_size": accelerator.num_processes, "engine": live.strategy.name}
+        (folder / "trainer_state.json").write_text(json.dumps(state, indent=2))
+
+
+def _attempt(write: Callable[[], None]) -> Exception | None:
+    try:
+        write()
+    except (OSError, RuntimeError, SafetensorError, CheckpointException) as error:  # a failed write, as each says
+        return error
+    return None
+
+
+def _any_failed(accelerator, failure: Exception | None) -> bool:
+    """Every process learns whether any write failed, so none waits for another that has given up."""
+    flag = torch.tensor(float(failure is not None), device=accelerator.device)
+    return accelerator.reduce(flag, "max").item() > 0
+
+
+def _discard(folder: Path) -> None:
+    """Delete a checkpoint folder; renamed hidden first, so a kill mid-delete never leaves a partial one listed."""
+    if not folder.exists():
+        return
+    doomed = folder.with_name(f".{folder.name}.deleting")
+    shutil.rmtree(doomed, ignore_errors=True)
+    folder.rename(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def last_checkpoint_line(output_dir: Path) -> str:
+    """What a run that stops can promise about its checkpoints."""
+    previous = list_checkpoints(output_dir)
+    return f"the last complete checkpoint, {previous[-1]}, is intact" if previous else "no checkpoint was written yet"
 
 
 def load_checkpoint(live: Checkpointable, path: Path) -> dict:

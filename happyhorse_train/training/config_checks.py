@@ -48,6 +48,10 @@ def check_train_config(cfg) -> None:
     if cfg.trainer.mode == "lora":
         positive += ["lora.rank", "lora.alpha"]
     problems += [f"{key}={_get(cfg, key)}: must be greater than 0" for key in positive if not _get(cfg, key) > 0]
+    non_negative = ["data.num_workers", "optimizer.max_grad_norm", "optimizer.warmup_steps",
+                    "optimizer.weight_decay", "trainer.checkpoint_every", "trainer.keep_checkpoints"]
+    problems += [f"{key}={_get(cfg, key)}: must be 0 or more" for key in non_negative if _get(cfg, key) < 0]
+    problems += _optimizer_problems(cfg.optimizer)
     for key in ("data.caption_dropout", "lora.dropout"):
         if not 0 <= _get(cfg, key) < 1:
             problems.append(f"{key}={_get(cfg, key)}: must be in [0, 1)")
@@ -70,6 +74,15 @@ def check_train_config(cfg) -> None:
     if problems:
         raise UserInputError("bad training config:\n  " + "\n  ".join(problems))
     check_writable(Path(cfg.output_dir))
+
+
+def _optimizer_problems(optimizer) -> list[str]:
+    problems = []
+    if len(optimizer.betas) != 2 or not all(0 <= beta < 1 for beta in optimizer.betas):
+        problems.append(f"optimizer.betas={list(optimizer.betas)}: give two values in [0, 1), e.g. [0.9,0.999]")
+    if not optimizer.eps > 0:
+        problems.append(f"optimizer.eps={optimizer.eps}: must be greater than 0 (e.g. 1e-8)")
+    return problems
 
 
 def _eval_problems(evaluation) -> list[str]:

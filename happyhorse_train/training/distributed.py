@@ -9,7 +9,10 @@ this module only adapts to the choice.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import signal
+import sys
 from pathlib import Path
 
 import torch
@@ -246,3 +249,17 @@ def distributed_strategy(accelerator) -> Replicated:
     if accelerator.distributed_type == DistributedType.FSDP:
         return FullyShardedDataParallel(accelerator.state.fsdp_plugin)
     return Replicated()
+
+
+def stop_with_launcher() -> bool:
+    """Have the kernel send this process SIGTERM when the launcher that started it dies (Linux; under accelerate
+    launch or torchrun, which set LOCAL_RANK). A worker orphaned by a killed launcher would otherwise go on
+    holding its GPU and the output folder's lock; SIGTERM makes the loop checkpoint and stop. True when set."""
+    if not sys.platform.startswith("linux") or "LOCAL_RANK" not in os.environ:
+        return False
+    pr_set_pdeathsig = 1
+    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM) != 0:
+        return False  # (a sandbox refusing prctl): the run goes on without the safety net
+    if os.getppid() == 1:  # the launcher died before the request was made: no signal will come
+        raise RunHalted("the launcher that started this process has already exited; stopping")
+    return True

@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from happyhorse_train.errors import RunHalted, UserInputError
+from happyhorse_train.files import write_atomic
+
 METRICS_FILE = "metrics.jsonl"
 LOSS_CURVE_FILE = "loss_curve.png"
 
@@ -40,8 +43,8 @@ class RunLog:
         """A resumed run repeats the steps after its checkpoint: drop their old lines so each step appears once."""
         if not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [row for row in read_metrics(self.path, metric=None) if row["step"] <= step]
+        self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
 
     def log_step(self, metrics: dict, step: int, to_tracker: bool) -> None:
         if self.accelerator.is_main_process:
@@ -62,12 +65,25 @@ class RunLog:
         if self.logger != "none":
             self.accelerator.end_training()
         if self.accelerator.is_main_process:
-            write_loss_curve(self.path, self.path.with_name(LOSS_CURVE_FILE))
+            try:
+                write_atomic(self.path.with_name(LOSS_CURVE_FILE), lambda png: write_loss_curve(self.path, png))
+            except OSError as error:  # the weights and metrics are written by now; only the picture is lost
+                raise RunHalted(f"could not write {LOSS_CURVE_FILE} ({error}): is the disk full? everything else "
+                                f"of the run is written ({METRICS_FILE} holds the losses)") from error
 
 
 def read_metrics(path: Path, metric: str | None = "loss") -> list[dict]:
     """The rows of a metrics.jsonl that carry `metric` (by default the training steps'); None: every row."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+    lines = path.read_text().splitlines() if path.is_file() else []
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line:
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):  # only the last line can be torn (a kill mid-write); others are damage
+                raise UserInputError(f"{path} line {number} is not JSON: repair or delete that line") from None
     return [row for row in rows if metric is None or metric in row]
 
 
@@ -97,7 +113,7 @@ def write_loss_curve(metrics_path: Path, png_path: Path) -> None:
     axes.set_ylabel("flow-matching loss")
     axes.set_title(f"losses ({metrics_path.parent.name})")
     axes.legend()
-    figure.savefig(png_path, dpi=100)
+    figure.savefig(png_path, dpi=100, format="png")  # (a temporary name has no .png)
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

@@ -23,10 +23,16 @@ from happyhorse_train.models.backbones import get_spec
 from happyhorse_train.models.geometry import video_latent_shape
 from happyhorse_train.training.adapters import make_trainable, trainable_parameters
 from happyhorse_train.training.checkpoint import Checkpointable, load_checkpoint, resolve_resume
-from happyhorse_train.training.distributed import accelerator_options, distributed_strategy, gradient_accumulation
+from happyhorse_train.training.distributed import (
+    accelerator_options,
+    distributed_strategy,
+    gradient_accumulation,
+    stop_with_launcher,
+)
 from happyhorse_train.training.ema import EMA
 from happyhorse_train.training.eval_loss import EvalSet, build_eval_set, held_out_fingerprints
 from happyhorse_train.training.optim import build_lr_schedule, build_optimizer
+from happyhorse_train.training.run_lock import RunLock, lock_output_dir
 from happyhorse_train.training.run_log import RunLog
 from happyhorse_train.training.step import StepContext
 
@@ -59,13 +65,14 @@ class Run(Checkpointable):
     step_context: StepContext | None = None  # set once the model is prepared
     eval_set: EvalSet | None = None  # None: no eval loss (eval.every=0)
     run_log: RunLog | None = None  # set once the resumed step is known
+    run_lock: RunLock | None = None  # the main process's lock on output_dir: this reference keeps it held
 
 
 def set_up_run(cfg) -> Run:
     from accelerate import Accelerator
 
+    stop_with_launcher()
     output_dir = Path(cfg.output_dir)
-    resume_from = resolve_resume(output_dir, cfg.resume)
     accelerator = Accelerator(
         mixed_precision=cfg.trainer.mixed_precision,
         gradient_accumulation_plugin=gradient_accumulation(cfg.trainer.gradient_accumulation_steps),
@@ -73,12 +80,15 @@ def set_up_run(cfg) -> Run:
         project_dir=str(output_dir),
         **accelerator_options(),
     )
+    run_lock = lock_output_dir(accelerator, output_dir)  # before anything in output_dir is read or written
     strategy = distributed_strategy(accelerator)
     strategy.check_supported(cfg)
+    resume_from = resolve_resume(output_dir, cfg.resume, accelerator.print)  # verified before anything loads
     compute_dtype = COMPUTE_DTYPES[cfg.trainer.mixed_precision]
     spec = get_spec(cfg.model.backbone, cfg.data.max_sequence_length)
     pipe, dataset, held_out, empty_text = load_cached_data(cfg, accelerator, strategy, spec, compute_dtype)
     run = make_trainable_run(cfg, accelerator, strategy, spec, pipe, dataset, compute_dtype)
+    run.run_lock = run_lock
     run.step_context = StepContext(
         spec, pipe, run.model, accelerator.device, compute_dtype, cfg.flow, cfg.data.caption_dropout, empty_text
     )

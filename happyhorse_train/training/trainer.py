@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 from peft.utils import get_peft_model_state_dict
+from safetensors import SafetensorError
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -19,7 +20,7 @@ from happyhorse_train.errors import RunHalted
 from happyhorse_train.memory.offload import encoders_on_device_while_running
 from happyhorse_train.memory.streamed_load import peak_host_ram_bytes
 from happyhorse_train.rendering.validation import render_validation
-from happyhorse_train.training.checkpoint import save_checkpoint
+from happyhorse_train.training.checkpoint import last_checkpoint_line, save_checkpoint
 from happyhorse_train.training.eval_loss import eval_losses
 from happyhorse_train.training.run_setup import Run, set_up_run
 from happyhorse_train.training.step import BatchLoss, batch_loss, sample_generator
@@ -124,7 +125,7 @@ def optimizer_step(run: Run) -> torch.Tensor | None:
         if state.nonfinite_in_a_row >= cfg.trainer.max_consecutive_nonfinite:
             raise RunHalted(
                 f"{state.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (at step "
-                f"{state.step}); stopping. Lower optimizer.lr or check the data; the last checkpoint is intact."
+                f"{state.step}); stopping. Lower optimizer.lr or check the data; {last_checkpoint_line(run.output_dir)}"
             )
         return None
     optimizer.step()
@@ -204,23 +205,34 @@ def after_step(run: Run, interrupted: bool) -> None:
 
 def export(run: Run) -> None:
     """The result: the LoRA (diffusers and asked-for layouts) or the whole transformer, then the tracker closed."""
-    accelerator, cfg, folder = run.accelerator, run.cfg, run.output_dir
+    accelerator = run.accelerator
     if run.ema is not None:
         run.ema.copy_to(run.params)  # the averaged weights are the result
     weights = run.strategy.gathered_weights(accelerator, run.model)  # every process: ZeRO-3 / FSDP gather here
     if accelerator.is_main_process:
-        if run.lora_config is not None:
-            run.spec.save_lora(
-                folder / "lora",
-                run.transformer,
-                get_peft_model_state_dict(run.transformer, state_dict=weights),
-                run.lora_config.to_dict(),
-                {"happyhorse_train": {"config": OmegaConf.to_container(cfg, resolve=True), "step": run.state.step}},
-                formats=tuple(cfg.lora.save_formats),
-            )
-            accelerator.print(f"wrote the LoRA to {folder / 'lora'}")
-        else:
-            run.spec.save_transformer(folder / "transformer", run.transformer, weights)
-            accelerator.print(f"wrote the transformer to {folder / 'transformer'}")
+        try:
+            accelerator.print(f"wrote the {write_result(run, weights)}")
+        except (OSError, SafetensorError) as error:
+            raise RunHalted(
+                f"could not write the trained weights into {run.output_dir} ({error}): is the disk full? "
+                f"{last_checkpoint_line(run.output_dir)}; free space, then run again with resume=latest to write them"
+            ) from error
     accelerator.wait_for_everyone()
     run.run_log.finish()  # last: accelerate's end_training also ends the process group
+
+
+def write_result(run: Run, weights: dict) -> str:
+    """Write the LoRA or the transformer; returns what was written, and where."""
+    cfg, folder = run.cfg, run.output_dir
+    if run.lora_config is None:
+        run.spec.save_transformer(folder / "transformer", run.transformer, weights)
+        return f"transformer to {folder / 'transformer'}"
+    run.spec.save_lora(
+        folder / "lora",
+        run.transformer,
+        get_peft_model_state_dict(run.transformer, state_dict=weights),
+        run.lora_config.to_dict(),
+        {"happyhorse_train": {"config": OmegaConf.to_container(cfg, resolve=True), "step": run.state.step}},
+        formats=tuple(cfg.lora.save_formats),
+    )
+    return f"LoRA to {folder / 'lora'}"

@@ -177,3 +177,15 @@ def test_two_processes_split_the_work_under_accelerate_launch(tmp_path, demo_mod
     # accelerate launch gives each worker one intra-op thread and the single process has two: the matmul
     # reductions run in another order, so the encodings agree to float32 rounding (4.9e-7 seen), not bitwise.
     assert_same_cache(tmp_path / "two", tmp_path / "one", exact=False)
+
+
+def test_a_torn_cache_index_is_rebuilt_from_the_shards(tmp_path, encoder):
+    manifest = make_dataset(tmp_path / "src", tmp_path / "ds", 2)
+    fill_cache(manifest, LatentCache(tmp_path / "cache"), encoder, progress=False)
+    LatentCache(tmp_path / "cache")  # picks up the new shards and writes the index
+    index = tmp_path / "cache" / "index.json"
+    whole = index.read_text()
+    index.write_text(whole[: len(whole) // 2])  # a kill mid-write
+    cache = LatentCache(tmp_path / "cache")
+    assert index.read_text() == whole  # rebuilt, as it was
+    assert fill_cache(manifest, cache, encoder, progress=False).videos_encoded == 0  # nothing re-encoded

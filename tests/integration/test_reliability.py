@@ -268,10 +268,58 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_and_resume_la
 
     complete = list_checkpoints(out)
     assert complete and all(not p.name.startswith(".") for p in complete)
-    latest = resolve_resume(out, "latest")
+    latest = resolve_resume(out, "latest", print)
     assert latest == complete[-1] and int(latest.name.split("-")[1]) < int(caught.name.split("-")[1].split(".")[0])
     resumed = train(*common(demo_model_dir, dataset, out, int(latest.name.split("-")[1]) + 2), "trainer.mode=full",
                     "trainer.checkpoint_every=1", "trainer.keep_checkpoints=2", "resume=latest")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed from {latest}" in resumed.stdout
     assert not [p for p in checkpoints.iterdir() if p.name.endswith(".tmp")]  # the stale temporary was cleared
+
+
+def test_damaged_checkpoints_and_a_torn_metrics_line_fall_back_to_the_newest_intact_checkpoint(
+    dataset, demo_model_dir, tmp_path
+):
+    from tests.unit.test_checkpoint import flip_bytes
+
+    out = tmp_path / "out"
+    every = ["trainer.checkpoint_every=2", "trainer.keep_checkpoints=3", "eval.every=0"]
+    first = train(*common(demo_model_dir, dataset, out, 6), *every)
+    assert first.returncode == 0, first.stderr[-2000:]
+    straight = losses(out)
+    checkpoints = out / "checkpoints"
+    flip_bytes(checkpoints / "step-00000006" / "trainable.safetensors")  # used in silence before manifests
+    (checkpoints / "step-00000004" / "optimizer.pt").write_bytes(b"")
+    with (out / "metrics.jsonl").open("a") as metrics:
+        metrics.write('{"step": 7, "lo')  # a kill mid-write
+
+    named = train(*common(demo_model_dir, dataset, out, 8), *every, f"resume={checkpoints / 'step-00000006'}")
+    assert named.returncode == 2 and named.stderr.strip().splitlines()[-1].startswith("error: resume=")
+    assert "the checkpoint is damaged (trainable.safetensors does not match its checksum)" in named.stderr
+
+    resumed = train(*common(demo_model_dir, dataset, out, 8), *every, "resume=latest")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "step-00000006 is damaged (trainable.safetensors does not match its checksum)" in resumed.stdout
+    assert "step-00000004 is damaged (optimizer.pt has 0 bytes" in resumed.stdout
+    assert f"resumed from {checkpoints / 'step-00000002'} at step 2" in resumed.stdout
+    again = losses(out)
+    assert len(again) == 8 and again[:6] == straight  # steps 3-6 redone exactly, each logged once
+
+
+def test_a_failed_final_write_is_one_line_and_resume_latest_writes_the_weights(dataset, demo_model_dir, tmp_path):
+    # An OSError at the final writes, as a full disk gives: the LoRA's folder name is taken by a file, the loss
+    # curve's by a folder.
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "lora").write_text("in the way")
+    failed = train(*common(demo_model_dir, dataset, out, 2), "eval.every=0")
+    assert failed.returncode == 2
+    last = failed.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: could not write the trained weights into {out} (")
+    assert f"the last complete checkpoint, {out / 'checkpoints' / 'step-00000002'}, is intact" in last
+    (out / "lora").unlink()
+    (out / "loss_curve.png").mkdir()
+    resumed = train(*common(demo_model_dir, dataset, out, 2), "eval.every=0", "resume=latest")
+    assert resumed.returncode == 2 and "wrote the LoRA" in resumed.stdout
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert resumed.stderr.strip().splitlines()[-1].startswith("error: could not write loss_curve.png (")

@@ -71,3 +71,70 @@ def test_resuming_with_ema_from_a_run_without_it_says_so(tmp_path):
     ema = EMA([model[0].weight], 0.99)
     with pytest.raises(UserInputError, match=r"holds no EMA weights \(its run had trainer.ema=false\)"):
         resume_into(accelerator, path, model, ema)
+
+
+def truncate(path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def flip_bytes(path, count: int = 64) -> None:
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    for i in range(middle, middle + count):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {  # what a kill, a full disk or a bad sector leaves, and the reason a resume gives for it
+    "truncated weights": (lambda c: truncate(c / "trainable.safetensors"), "trainable.safetensors has"),
+    "flipped weight bytes": (lambda c: flip_bytes(c / "trainable.safetensors"), "does not match its checksum"),
+    "zeroed optimizer": (lambda c: (c / "optimizer.pt").write_bytes(b""), "optimizer.pt has 0 bytes"),
+    "zeroed schedule": (lambda c: (c / "scheduler.pt").write_bytes(b""), "scheduler.pt has 0 bytes"),
+    "flipped optimizer bytes": (lambda c: flip_bytes(c / "optimizer.pt", 8), "optimizer.pt does not match"),
+    "truncated state": (lambda c: truncate(c / "trainer_state.json"), "trainer_state.json has"),
+    "deleted rng": (lambda c: (c / "rng-rank0.pt").unlink(), "rng-rank0.pt is missing"),
+    "no manifest": (lambda c: (c / "manifest.json").unlink(), "no manifest.json"),
+    "torn manifest": (lambda c: truncate(c / "manifest.json"), "manifest.json is unreadable"),
+}
+
+
+@pytest.mark.parametrize("kind", DAMAGE)
+def test_each_kind_of_damage_is_found_and_latest_falls_back_to_the_intact_one(kind, tmp_path):
+    from happyhorse_train.training.checkpoint import checkpoint_damage, checkpoint_dir, resolve_resume
+
+    accelerator, model, older = saved_run(tmp_path)
+    live = Checkpointable(accelerator, Replicated(), model, *resume_parts(model))
+    newer = save_checkpoint(live, tmp_path, 5, {"epoch": 0}, keep=2)
+    assert checkpoint_damage(older) is None and checkpoint_damage(newer) is None
+    damage, reason = DAMAGE[kind]
+    damage(newer)
+    assert reason in checkpoint_damage(newer)
+    said = []
+    assert resolve_resume(tmp_path, "latest", said.append) == older == checkpoint_dir(tmp_path, 3)
+    assert len(said) == 1 and str(newer) in said[0] and reason in said[0]
+    with pytest.raises(UserInputError, match=f"resume={re.escape(str(newer))}: the checkpoint is damaged"):
+        resolve_resume(tmp_path, str(newer), said.append)
+    damage(older)
+    with pytest.raises(UserInputError, match="every checkpoint in .* is damaged"):
+        resolve_resume(tmp_path, "latest", said.append)
+
+
+def resume_parts(model) -> tuple:
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), None
+
+
+def test_pruning_renames_before_deleting_so_no_partial_checkpoint_is_listed(tmp_path):
+    from happyhorse_train.training.checkpoint import checkpoint_dir, list_checkpoints
+
+    accelerator, model, _ = saved_run(tmp_path)
+    live = Checkpointable(accelerator, Replicated(), model, *resume_parts(model))
+    # What a kill during an earlier prune leaves: a half-deleted folder under the hidden name.
+    half_deleted = tmp_path / "checkpoints" / ".step-00000001.deleting"
+    half_deleted.mkdir()
+    (half_deleted / "optimizer.pt").write_bytes(b"x")
+    for step in (5, 7):
+        save_checkpoint(live, tmp_path, step, {"epoch": 0}, keep=2)
+    assert list_checkpoints(tmp_path) == [checkpoint_dir(tmp_path, 5), checkpoint_dir(tmp_path, 7)]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000005", "step-00000007"]

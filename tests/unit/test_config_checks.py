@@ -27,6 +27,12 @@ VALIDATION_ON = ("validation.every=5", "validation.prompts=[a]")  # (its checks 
         ("eval.sigmas=[0.5,1.5]", "eval.sigmas=[0.5, 1.5]: give one or more noise levels in (0, 1]"),
         ("eval.sigmas=[]", "eval.sigmas=[]: give one or more noise levels in (0, 1]"),
         ("eval.dataset=/nonexistent", "eval.dataset=/nonexistent: not a clip dataset folder"),
+        ("optimizer.betas=[1.5,0.9]", "optimizer.betas=[1.5, 0.9]: give two values in [0, 1)"),
+        ("optimizer.eps=-1", "optimizer.eps=-1.0: must be greater than 0"),
+        ("optimizer.max_grad_norm=-1", "optimizer.max_grad_norm=-1.0: must be 0 or more"),
+        ("optimizer.warmup_steps=-5", "optimizer.warmup_steps=-5: must be 0 or more"),
+        ("trainer.checkpoint_every=-1", "trainer.checkpoint_every=-1: must be 0 or more"),
+        ("data.num_workers=-1", "data.num_workers=-1: must be 0 or more"),
     ],
 )
 def test_a_bad_value_is_named_with_what_to_use(override, message, tmp_path):
