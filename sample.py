@@ -16,9 +16,8 @@ from happyhorse_train.config import register_configs
 from happyhorse_train.errors import UserInputError, report_user_errors
 from happyhorse_train.models.backbones import get_spec
 from happyhorse_train.models.geometry import video_latent_shape
-from happyhorse_train.models.lora_formats import apply_loras
 from happyhorse_train.rendering.contact_sheet import write_lora_sheets
-from happyhorse_train.rendering.sample_pipeline import load_inference_pipeline
+from happyhorse_train.rendering.sample_pipeline import apply_loras, load_inference_pipeline
 from happyhorse_train.rendering.videos import render_prompts, save_videos
 from happyhorse_train.runtime import resolve_device, resolve_dtype
 
@@ -39,8 +38,12 @@ def main(cfg: DictConfig) -> None:
         raise UserInputError("contact_sheet=true compares the base model with LoRAs: give loras=[...] too")
     pipe = load_inference_pipeline(spec, cfg.model.path, device, dtype, cfg.memory, cfg.compile)
     video_latent_shape(pipe, cfg.height, cfg.width, cfg.num_frames)  # fail on a bad size before encoding anything
-    base = render_prompts(pipe, list(cfg.prompts), cfg) if cfg.contact_sheet else None
-    apply_loras(pipe, list(cfg.loras), list(cfg.lora_scales))
+    apply_loras(pipe, spec, list(cfg.loras), list(cfg.lora_scales))  # each file checked: one line, not peft's
+    base = None
+    if cfg.contact_sheet:
+        pipe.disable_lora()
+        base = render_prompts(pipe, list(cfg.prompts), cfg)
+        pipe.enable_lora()
 
     videos = render_prompts(pipe, list(cfg.prompts), cfg)
     for path in save_videos(videos, list(cfg.prompts), cfg.output_dir, cfg.fps, tag=f"_seed{cfg.seed}"):

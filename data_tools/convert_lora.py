@@ -45,9 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     from happyhorse_train.files import write_atomic
     from happyhorse_train.models import lora_formats as formats
     from happyhorse_train.models.backbones import get_spec
-    from happyhorse_train.models.happyhorse.lora import resolve_lora_file
 
-    source = resolve_lora_file(args.source)
+    source = formats.resolve_lora_file(args.source)
     tensors = load_file(source)
     with safe_open(source, framework="pt") as handle:
         header = handle.metadata() or {}
@@ -60,10 +59,10 @@ def main(argv: list[str] | None = None) -> None:
         alpha = formats.unpack_adapter_metadata(header).get("lora_alpha")
         if alpha is None:
             raise UserInputError(f"{source} has no lora_alpha in its header; cannot write ComfyUI's alpha keys")
-        converted = formats.diffusers_to_comfyui(tensors, alpha, spec.comfyui_renames)
+        converted = spec.lora_to_comfyui(tensors, alpha)
         out_header, name = kept, formats.COMFYUI_WEIGHT_NAME
     else:
-        converted, alpha = formats.comfyui_to_diffusers(tensors, spec.comfyui_renames)
+        converted, alpha = spec.lora_from_comfyui(tensors)
         modules = sorted({key.removeprefix(formats.DIFFUSERS_PREFIX).rsplit(".lora_", 1)[0] for key in converted})
         rank = next(t.shape[0] for k, t in converted.items() if k.endswith("lora_A.weight"))
         metadata = formats.pack_adapter_metadata(formats.adapter_metadata(rank, alpha, modules))

@@ -84,7 +84,7 @@ class LoraConfig:
     dropout: float = 0.0
     target_modules: Optional[list[str]] = None
     init: str = "default"
-    save_formats: list[str] = field(default_factory=lambda: ["diffusers"])
+    save_formats: Optional[list[str]] = None  # None: the backbone's (ModelSpec.default_lora_formats)
 
 
 @dataclass

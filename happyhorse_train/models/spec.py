@@ -19,9 +19,14 @@ from happyhorse_train.models.lora_formats import (
     DIFFUSERS_PREFIX,
     LORA_WEIGHT_NAME,
     Renames,
+    StateDict,
     check_lora_matches,
+    comfyui_to_diffusers,
     diffusers_to_comfyui,
+    lora_layout,
     pack_adapter_metadata,
+    read_lora_file,
+    resolve_lora_file,
 )
 
 
@@ -35,6 +40,12 @@ class ModelSpec(ABC):
     default_lora_targets: list[str]
     # diffusers module-name fragments -> the model's original ones, for ComfyUI-layout LoRA files.
     comfyui_renames: Renames = []
+    # diffusers module prefixes whose ComfyUI keys carry no alpha (lora_formats.diffusers_to_comfyui's fold).
+    comfyui_alpha_free: tuple[str, ...] = ()
+    # The layouts train.py writes when lora.save_formats is null: ComfyUI's only for a model ComfyUI knows.
+    default_lora_formats: tuple[str, ...] = ("diffusers",)
+    # Whether the pipeline's load_lora_weights converts other layouts (ComfyUI's, other trainers') itself.
+    pipeline_converts_lora_layouts: bool = False
     # Class names of the token-wise MLP modules (input (batch, tokens, dim)), which can run in token chunks.
     feed_forward_classes: tuple[str, ...] = ()
 
@@ -94,6 +105,26 @@ class ModelSpec(ABC):
         t, h, w = latent_shape[-3:]
         return (t // pt) * (h // ph) * (w // pw)
 
+    def lora_to_comfyui(self, state_dict: StateDict, alpha: float) -> StateDict:
+        return diffusers_to_comfyui(state_dict, alpha, self.comfyui_renames, self.comfyui_alpha_free)
+
+    def lora_from_comfyui(self, state_dict: StateDict) -> tuple[StateDict, float]:
+        return comfyui_to_diffusers(state_dict, self.comfyui_renames)
+
+    def check_lora_file(self, path: str | Path, transformer: torch.nn.Module) -> None:
+        """One line unless the LoRA file fits `transformer`; run before loading, where the pipeline's loader
+        would fail deep inside peft or skip layers with a warning. A layout only the pipeline's own converter
+        reads (another trainer's) is left to that converter."""
+        file = resolve_lora_file(path)
+        state_dict, _ = read_lora_file(file)
+        layout = lora_layout(state_dict)
+        if self.pipeline_converts_lora_layouts and layout == "comfyui":
+            pairs = {k: v for k, v in state_dict.items() if k.endswith((".lora_down.weight", ".lora_up.weight"))}
+            state_dict, _ = self.lora_from_comfyui(pairs)
+        elif self.pipeline_converts_lora_layouts and layout is None:
+            return
+        check_lora_matches(state_dict, transformer, str(file))
+
     def save_lora(
         self,
         folder: Path,
@@ -114,7 +145,7 @@ class ModelSpec(ABC):
             header = {"format": "pt", "lora_adapter_metadata": pack_adapter_metadata(adapter_metadata), **extra}
             written.append(self._write(folder / LORA_WEIGHT_NAME, tensors, header))
         if "comfyui" in formats:
-            comfy = diffusers_to_comfyui(tensors, adapter_metadata["lora_alpha"], self.comfyui_renames)
+            comfy = self.lora_to_comfyui(tensors, adapter_metadata["lora_alpha"])
             written.append(self._write(folder / COMFYUI_WEIGHT_NAME, comfy, {"format": "pt", **extra}))
         return written
 

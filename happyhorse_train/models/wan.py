@@ -52,6 +52,11 @@ class WanSpec(ModelSpec):
         ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
         ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
     ]
+    # diffusers' converter of that layout reads alpha keys only inside the blocks (one elsewhere is left over,
+    # and refused); ComfyUI reads a layer without one at scale 1, so both take these with the scale folded in.
+    comfyui_alpha_free = ("proj_out", "condition_embedder")
+    default_lora_formats = ("diffusers", "comfyui")
+    pipeline_converts_lora_layouts = True
 
     def clip_encoder(self, pipe, path):
         return WanClipEncoder(pipe, path, self.max_sequence_length)

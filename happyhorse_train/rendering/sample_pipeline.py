@@ -53,3 +53,18 @@ def load_inference_pipeline(spec, path, device: torch.device, dtype: torch.dtype
     if compile:
         compile_blocks(pipe.transformer)
     return pipe
+
+
+def apply_loras(pipe, spec, paths: list[str], scales: list[float]) -> list[str]:
+    """Load each LoRA as its own adapter of `spec`'s pipeline and activate them together with their weights;
+    returns the adapter names. Every file is checked against the transformer before any loads."""
+    if scales and len(scales) != len(paths):
+        raise UserInputError(f"{len(scales)} lora_scales for {len(paths)} loras; give one scale per LoRA or none")
+    for path in paths:
+        spec.check_lora_file(path, pipe.transformer)
+    names = [f"lora_{index}" for index in range(len(paths))]
+    for name, path in zip(names, paths):
+        pipe.load_lora_weights(path, adapter_name=name)
+    if names:
+        pipe.set_adapters(names, adapter_weights=list(scales) or [1.0] * len(names))
+    return names

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from happyhorse_train.errors import UserInputError
+from happyhorse_train.models.lora_formats import comfyui_module
 
 if TYPE_CHECKING:
     import peft
@@ -51,6 +52,21 @@ def make_trainable(
             param.data = param.data.float()
     skip_lora_input_casts(transformer)
     return config
+
+
+def check_layout_names(transformer: torch.nn.Module, lora, spec) -> None:
+    """Every adapted layer has a name in each layout the final LoRA is written in: found now, not at the end."""
+    import peft
+
+    if "comfyui" in lora_save_formats(lora, spec):
+        for name, module in transformer.named_modules():
+            if isinstance(module, peft.tuners.lora.LoraLayer):
+                comfyui_module(name, spec.comfyui_renames)
+
+
+def lora_save_formats(lora, spec) -> tuple[str, ...]:
+    """The layouts the final LoRA is written in: `lora.save_formats`, or the backbone's when that is null."""
+    return spec.default_lora_formats if lora.save_formats is None else tuple(lora.save_formats)
 
 
 def lora_target_modules(lora, spec, transformer: torch.nn.Module) -> list[str] | str:

@@ -58,9 +58,11 @@ def check_train_config(cfg) -> None:
     problems += combination_problems(cfg)  # memory.base_weights's choices too; the engine's: once it starts
     from happyhorse_train.models.lora_formats import LORA_FORMATS
 
-    for layout in cfg.lora.save_formats:
+    for layout in cfg.lora.save_formats or []:
         if layout not in LORA_FORMATS:
             problems.append(f"lora.save_formats has {layout!r}: use any of {', '.join(LORA_FORMATS)}")
+    if cfg.lora.save_formats is not None and not cfg.lora.save_formats:
+        problems.append("lora.save_formats=[] writes no LoRA: name a layout, or null for the backbone's")
     if cfg.trainer.ema and not 0 < cfg.trainer.ema_decay < 1:
         problems.append(f"trainer.ema_decay={cfg.trainer.ema_decay}: must be in (0, 1)")
     if validation_on(cfg):  # (its height and width are checked against the model's own rule once it loads)

@@ -21,7 +21,7 @@ from happyhorse_train.memory.recompute import checkpointing_function, compile_bl
 from happyhorse_train.memory.streamed_load import base_transformer, place_transformer
 from happyhorse_train.models.backbones import get_spec
 from happyhorse_train.models.geometry import video_latent_shape
-from happyhorse_train.training.adapters import make_trainable, trainable_parameters
+from happyhorse_train.training.adapters import check_layout_names, make_trainable, trainable_parameters
 from happyhorse_train.training.checkpoint import Checkpointable, load_checkpoint, resolve_resume
 from happyhorse_train.training.distributed import (
     accelerator_options,
@@ -173,6 +173,8 @@ def make_trainable_run(cfg, accelerator, strategy, spec, pipe, dataset, compute_
     torch.manual_seed(cfg.seed)  # the same adapter initialization in every process
     transformer = pipe.transformer
     lora_config = make_trainable(transformer, cfg.trainer.mode, cfg.lora, spec, compute_dtype)
+    if lora_config is not None:
+        check_layout_names(transformer, cfg.lora, spec)
     if cfg.trainer.gradient_checkpointing:
         transformer.enable_gradient_checkpointing(checkpointing_function(transformer, cfg))
     if cfg.trainer.compile:

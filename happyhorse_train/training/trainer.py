@@ -20,17 +20,23 @@ from happyhorse_train.errors import RunHalted
 from happyhorse_train.memory.offload import encoders_on_device_while_running
 from happyhorse_train.memory.streamed_load import peak_host_ram_bytes
 from happyhorse_train.rendering.validation import render_validation
+from happyhorse_train.training.adapters import lora_save_formats
 from happyhorse_train.training.checkpoint import last_checkpoint_line, save_checkpoint
 from happyhorse_train.training.eval_loss import eval_losses
 from happyhorse_train.training.run_setup import Run, set_up_run
 from happyhorse_train.training.step import BatchLoss, batch_loss, sample_generator
 
+STOP_FILE = "STOP"
+
 
 class StopRequest:
-    """SIGTERM / SIGINT set a flag; the loop checks it between steps, so the run stops at a checkpoint."""
+    """SIGTERM / SIGINT, or a file named STOP in the output folder, ask for a stop; the loop checks between steps,
+    so the run stops at a checkpoint. The file is for runs under a launcher: a signal to `accelerate launch`
+    makes it exit 143 however cleanly its workers stopped, while a run stopped by the file exits 0."""
 
-    def __init__(self):
-        self.signal_name: str | None = None
+    def __init__(self, stop_file: Path):
+        self.stop_file = stop_file
+        self.reason: str | None = None  # what asked, once something did (on the main process, for the message)
         self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def __enter__(self) -> StopRequest:
@@ -40,11 +46,15 @@ class StopRequest:
         self.restore()
 
     def _handle(self, number, frame) -> None:
-        self.signal_name = signal.Signals(number).name
+        self.reason = signal.Signals(number).name
 
     def agreed(self, accelerator) -> bool:
-        """True on every process once any process was signalled (a stop on one rank alone would hang the rest)."""
-        flag = torch.tensor(1.0 if self.signal_name else 0.0, device=accelerator.device)
+        """True on every process once any process was signalled or the main one sees the file (a stop on one
+        rank alone would hang the rest)."""
+        if self.reason is None and accelerator.is_main_process and self.stop_file.exists():
+            self.reason = str(self.stop_file)
+            self.stop_file.unlink(missing_ok=True)  # read once: a resumed run must not stop again at once
+        flag = torch.tensor(1.0 if self.reason else 0.0, device=accelerator.device)
         return bool(accelerator.reduce(flag, "max").item())
 
     def restore(self) -> None:
@@ -59,7 +69,7 @@ def train(cfg) -> Path:
     window = MetricsWindow(accelerator.device, cfg.trainer.gradient_accumulation_steps)
     if state.step == 0:
         log_eval_loss(run)  # the baseline the later evals compare with
-    with StopRequest() as stop, progress:  # the signal handlers go back however the loop ends
+    with StopRequest(run.output_dir / STOP_FILE) as stop, progress:  # the signal handlers go back however the loop ends
         for batch, generators in batches(run):
             with accelerator.accumulate(run.model):  # also tells DeepSpeed where the accumulation boundary is
                 losses = batch_loss(batch, generators, run.step_context)
@@ -80,7 +90,7 @@ def train(cfg) -> Path:
             if interrupted:
                 run.run_log.finish()
                 accelerator.print(
-                    f"stopped by {stop.signal_name} at step {state.step}; checkpoint written. "
+                    f"stopped by {stop.reason} at step {state.step}; checkpoint written. "
                     f"Continue with: resume=latest output_dir={run.output_dir}"
                 )
                 return run.output_dir
@@ -233,6 +243,6 @@ def write_result(run: Run, weights: dict) -> str:
         get_peft_model_state_dict(run.transformer, state_dict=weights),
         run.lora_config.to_dict(),
         {"happyhorse_train": {"config": OmegaConf.to_container(cfg, resolve=True), "step": run.state.step}},
-        formats=tuple(cfg.lora.save_formats),
+        formats=lora_save_formats(cfg.lora, run.spec),
     )
     return f"LoRA to {folder / 'lora'}"

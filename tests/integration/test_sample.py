@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import decord
 import numpy as np
 import pytest
@@ -13,13 +15,13 @@ from happyhorse_train.demo.random_model import write_random_model
 from happyhorse_train.errors import UserInputError
 from happyhorse_train.models.backbones import get_spec
 from happyhorse_train.models.happyhorse import load_pipeline
-from happyhorse_train.models.lora_formats import apply_loras
 from happyhorse_train.models.presets import load_preset
-from happyhorse_train.rendering.sample_pipeline import load_inference_pipeline
+from happyhorse_train.rendering.sample_pipeline import apply_loras, load_inference_pipeline
 from tests.conftest import make_random_lora, run_script
 
 SIZE = dict(height=32, width=48, num_frames=5, num_inference_steps=3, guidance_scale=4.0, max_sequence_length=32)
 PROMPT = "a red circle moving left to right on a dark background"
+HAPPYHORSE = get_spec("happyhorse")
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +64,7 @@ def test_same_seed_gives_the_same_video_and_another_seed_does_not(demo_model_dir
 def test_fused_lora_matches_unfused_lora(demo_model_dir, loras):
     pipe = load_pipeline(demo_model_dir, torch.device("cpu"), torch.float32)
     base = render(pipe)
-    apply_loras(pipe, [str(loras[0])], [0.7])
+    apply_loras(pipe, HAPPYHORSE, [str(loras[0])], [0.7])
     unfused = render(pipe)
     pipe.fuse_lora(lora_scale=1.0)
     fused = render(pipe)
@@ -75,7 +77,7 @@ def test_fused_lora_matches_unfused_lora(demo_model_dir, loras):
 
 def test_two_loras_combine_with_their_weights(demo_model_dir, loras):
     pipe = load_pipeline(demo_model_dir, torch.device("cpu"), torch.float32)
-    names = apply_loras(pipe, [str(p) for p in loras], [1.0, 1.0])
+    names = apply_loras(pipe, HAPPYHORSE, [str(p) for p in loras], [1.0, 1.0])
     both = render(pipe)
     pipe.set_adapters(names, adapter_weights=[1.0, 0.0])
     only_a = render(pipe)
@@ -83,7 +85,7 @@ def test_two_loras_combine_with_their_weights(demo_model_dir, loras):
     only_b = render(pipe)
 
     alone = load_pipeline(demo_model_dir, torch.device("cpu"), torch.float32)
-    apply_loras(alone, [str(loras[0])], [])
+    apply_loras(alone, HAPPYHORSE, [str(loras[0])], [])
     np.testing.assert_allclose(only_a, render(alone), atol=1e-5)  # weight 0 switches an adapter off
     assert np.abs(both - only_a).mean() > 1e-3 and np.abs(both - only_b).mean() > 1e-3
 
@@ -183,3 +185,13 @@ def test_memory_settings_that_exclude_each_other_are_refused_together():
 
 def memory(**settings):
     return OmegaConf.structured(SampleMemoryConfig(**settings))
+
+
+def test_a_comfyui_file_named_by_weight_name_gets_the_converter_named(demo_model_dir, loras, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    comfy = tmp_path / "comfyui_lora.safetensors"
+    save_file(HAPPYHORSE.lora_to_comfyui(load_file(loras[0]), alpha=4.0), str(comfy))
+    pipe = load_pipeline(demo_model_dir, torch.device("cpu"), torch.float32)
+    with pytest.raises(UserInputError, match=rf"{re.escape(str(comfy))} is in ComfyUI's layout.*convert_lora\.py"):
+        pipe.load_lora_weights(tmp_path, weight_name="comfyui_lora.safetensors")

@@ -130,12 +130,17 @@ def test_two_processes_train_as_one_with_the_same_global_batch(
     assert state["world_size"] == 2 and state["batches_in_epoch"] == 1  # 2 global batches an epoch: 1 per rank
 
 
-def test_a_zero3_checkpoint_resumes_to_the_uninterrupted_run(single_process, two_clips, demo_model_dir, tmp_path):
-    # Stop after 2 of 4 steps (a checkpoint is written there), then resume from it.
-    run(two_clips, demo_model_dir, tmp_path, "lora", "trainer.max_steps=2", config="deepspeed_zero3", processes=2)
-    assert (tmp_path / "checkpoints" / "step-00000002" / "deepspeed").is_dir()
+def test_a_zero3_run_stopped_by_its_stop_file_exits_0_and_resumes_to_the_uninterrupted_run(
+    single_process, two_clips, demo_model_dir, tmp_path
+):
+    # A STOP file in output_dir (there from the start here) stops the run after its next step, with a checkpoint,
+    # and the launcher exits 0 (`run` asserts it): the clean stop under a launcher, which a signal cannot give.
+    (tmp_path / "STOP").touch()
+    stopped = run(two_clips, demo_model_dir, tmp_path, "lora", config="deepspeed_zero3", processes=2)
+    assert f"stopped by {tmp_path / 'STOP'} at step 1; checkpoint written" in stopped.stdout
+    assert (tmp_path / "checkpoints" / "step-00000001" / "deepspeed").is_dir() and not (tmp_path / "STOP").exists()
     result = run(two_clips, demo_model_dir, tmp_path, "lora", "resume=latest", config="deepspeed_zero3", processes=2)
-    assert "resumed from" in result.stdout and "at step 2" in result.stdout
+    assert "resumed from" in result.stdout and "at step 1" in result.stdout
     assert_same_run(single_process["lora"], tmp_path, "lora")
 
 

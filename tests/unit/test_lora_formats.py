@@ -58,3 +58,33 @@ def test_keys_a_layout_cannot_hold_are_refused_by_name():
         formats.diffusers_to_comfyui(dora, 1.0, [])
     with pytest.raises(UserInputError, match="no lora_down weights: not a LoRA"):
         formats.comfyui_to_diffusers({"diffusion_model.a.alpha": torch.tensor(1.0)}, [])
+
+
+def test_wan_layers_outside_the_blocks_carry_their_scale_folded_in_and_no_alpha():
+    # diffusers' converter of the original layout leaves a non-block alpha key over and refuses the file;
+    # ComfyUI reads a layer with no alpha at scale 1. Folding alpha / rank into lora_up suits both.
+    spec = get_spec("wan")
+    lora = random_lora(["proj_out", "condition_embedder.time_proj", "blocks.0.attn1.to_q"], rank=4)
+    comfy = spec.lora_to_comfyui(lora, alpha=16.0)
+    assert "diffusion_model.head.head.alpha" not in comfy and "diffusion_model.time_projection.1.alpha" not in comfy
+    assert comfy["diffusion_model.blocks.0.self_attn.q.alpha"].item() == 16.0
+    head, proj_out = "diffusion_model.head.head", "transformer.proj_out"
+    update_theirs = comfy[f"{head}.lora_up.weight"] @ comfy[f"{head}.lora_down.weight"]
+    update_ours = (16.0 / 4) * lora[f"{proj_out}.lora_B.weight"] @ lora[f"{proj_out}.lora_A.weight"]
+    torch.testing.assert_close(update_theirs, update_ours)
+    back, alpha = spec.lora_from_comfyui(comfy)
+    assert alpha == 16.0 and all(torch.equal(back[k], lora[k]) for k in lora)  # exact: 16 / 4 is a power of two
+
+
+def test_a_layer_comfyui_has_no_name_for_is_refused_by_name():
+    with pytest.raises(UserInputError, match="'condition_embedder.image_embedder.ff.net.0.proj' has no name in Comfy"):
+        get_spec("wan").lora_to_comfyui(random_lora(["condition_embedder.image_embedder.ff.net.0.proj"]), 1.0)
+
+
+def test_layouts_are_told_apart_and_a_comfyui_file_for_a_diffusers_loader_names_the_converter():
+    lora = random_lora(["blocks.0.attn1.to_q"])
+    comfy = get_spec("wan").lora_to_comfyui(lora, 1.0)
+    assert formats.lora_layout(lora) == "diffusers" and formats.lora_layout(comfy) == "comfyui"
+    assert formats.lora_layout({"lora_unet_blocks_0.lora_down.weight": torch.zeros(1)}) is None
+    with pytest.raises(UserInputError, match=r"x\.safetensors is in ComfyUI's layout.*data_tools/convert_lora\.py"):
+        formats.check_lora_matches(comfy, torch.nn.Linear(8, 8), "x.safetensors")

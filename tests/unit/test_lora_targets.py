@@ -5,6 +5,8 @@ saved from such a LoRA loads in the backbone's diffusers pipeline exactly, with 
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,10 +14,11 @@ from omegaconf import OmegaConf
 from peft.utils import get_peft_model_state_dict
 
 from happyhorse_train.demo.random_model import build_random_pipeline
+from happyhorse_train.errors import UserInputError
 from happyhorse_train.models.backbones import get_spec
 from happyhorse_train.models.presets import CONFIG_DIR, load_preset
 from happyhorse_train.planner.facts import meta_training_transformer
-from happyhorse_train.training.adapters import make_trainable
+from happyhorse_train.training.adapters import check_layout_names, make_trainable
 
 LORA = OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "lora" / "default.yaml"), {"rank": 4})
 PRESETS = ["tiny", "wan-tiny"]
@@ -116,3 +119,14 @@ def test_the_saved_default_lora_loads_in_the_pipeline_with_no_key_left_over(pres
     assert loaded.keys() == saved.keys() and all(torch.equal(loaded[key], saved[key]) for key in saved)
     with torch.no_grad():
         torch.testing.assert_close(velocity(spec, pipe.transformer), velocity(spec, trained.eval()))
+
+
+def test_a_target_comfyui_has_no_name_for_is_refused_when_training_starts():
+    import peft
+
+    model = torch.nn.Sequential(OrderedDict(image_proj=torch.nn.Linear(4, 4)))
+    peft.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=["image_proj"]), model)
+    with pytest.raises(UserInputError, match="'image_proj' has no name in ComfyUI's model"):
+        check_layout_names(model, SimpleNamespace(save_formats=None), get_spec("wan"))  # Wan's default writes it
+    check_layout_names(model, SimpleNamespace(save_formats=["diffusers"]), get_spec("wan"))
+    check_layout_names(model, SimpleNamespace(save_formats=None), get_spec("happyhorse"))  # keeps its own names

@@ -7,37 +7,20 @@ a path that does not exist is an error, never a hub lookup.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import safetensors
-import safetensors.torch
 import torch
-from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, LoraBaseMixin
+from diffusers.loaders.lora_base import LoraBaseMixin
 
-from happyhorse_train.errors import UserInputError
-from happyhorse_train.models.lora_formats import LORA_WEIGHT_NAME, check_lora_matches
-
-
-def resolve_lora_file(path: str | Path, weight_name: str | None = None) -> Path:
-    path = Path(path)
-    if path.is_dir():
-        path = path / (weight_name or LORA_WEIGHT_NAME)
-    if not path.is_file():
-        raise UserInputError(f"LoRA file not found: {path}")
-    return path
+from happyhorse_train.models.lora_formats import check_lora_matches, read_lora_file, resolve_lora_file
 
 
-def read_lora_file(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """The tensors and diffusers' adapter metadata (None when the file has none)."""
-    try:
-        state_dict = safetensors.torch.load_file(path, device="cpu")
-        with safetensors.safe_open(path, framework="pt") as handle:
-            header = handle.metadata() or {}
-    except (safetensors.SafetensorError, OSError) as error:
-        raise UserInputError(f"{path} is not a readable safetensors LoRA file ({error})") from error
-    raw = header.get(LORA_ADAPTER_METADATA_KEY)
-    return state_dict, (json.loads(raw) if raw else None)
+def _read(given: str | Path | dict[str, torch.Tensor], weight_name: str | None):
+    """(what to call it in a message, tensors, adapter metadata or None) of a path or a state dict."""
+    if isinstance(given, dict):
+        return "the given LoRA state dict", dict(given), None
+    path = resolve_lora_file(given, weight_name)
+    return (str(path), *read_lora_file(path))
 
 
 class HappyHorseLoraLoaderMixin(LoraBaseMixin):
@@ -58,11 +41,7 @@ class HappyHorseLoraLoaderMixin(LoraBaseMixin):
         return_lora_metadata: bool = False,
         **kwargs,
     ):
-        if isinstance(pretrained_model_name_or_path_or_dict, dict):
-            state_dict, metadata = dict(pretrained_model_name_or_path_or_dict), None
-        else:
-            path = resolve_lora_file(pretrained_model_name_or_path_or_dict, weight_name)
-            state_dict, metadata = read_lora_file(path)
+        _, state_dict, metadata = _read(pretrained_model_name_or_path_or_dict, weight_name)
         return (state_dict, metadata) if return_lora_metadata else state_dict
 
     def load_lora_weights(
@@ -71,15 +50,7 @@ class HappyHorseLoraLoaderMixin(LoraBaseMixin):
         adapter_name: str | None = None,
         **kwargs,
     ) -> None:
-        source = (
-            "the given LoRA state dict"
-            if isinstance(pretrained_model_name_or_path_or_dict, dict)
-            else str(pretrained_model_name_or_path_or_dict)
-        )
-        state_dict, metadata = self.lora_state_dict(
-            pretrained_model_name_or_path_or_dict, weight_name=kwargs.pop("weight_name", None),
-            return_lora_metadata=True,
-        )
+        source, state_dict, metadata = _read(pretrained_model_name_or_path_or_dict, kwargs.pop("weight_name", None))
         transformer = getattr(self, self.transformer_name)
         check_lora_matches(state_dict, transformer, source)
         transformer.load_lora_adapter(
