@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     encoder = spec.clip_encoder(pipe, args.model)
     cache = LatentCache(args.cache or args.dataset / "cache")
     if state.is_main_process:
-        for shard, why in cache.verify():
-            print(f"cache: {shard} moved to {cache.folder / 'corrupt'} ({why}); its entries are re-encoded")
+        for line in cache.check(verify=True):
+            print(line)
     state.wait_for_everyone()
     cache.refresh()
 

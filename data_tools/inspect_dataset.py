@@ -10,14 +10,13 @@ manifest.parquet and report.json, so it works on a folder where every file was d
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # reading a small parquet needs no progress bar
 
-from happyhorse_train.data.inspect import PLOT_FILE, load_dataset_folder, render_report, write_plot  # noqa: E402
+from happyhorse_train.data.inspect import load_dataset_folder, render_report, write_plot  # noqa: E402
+from happyhorse_train.data.prepare import PLOT_FILE  # noqa: E402
 from happyhorse_train.errors import UserInputError, report_user_errors  # noqa: E402
 
 
@@ -26,12 +25,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", type=Path, help="clip dataset folder written by prepare_clips")
     parser.add_argument("--plot", type=Path, help=f"PNG to write (default DATASET/{PLOT_FILE})")
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="training's data.batch_size, to say which clips no batch will hold (default 1)")
+    parser.add_argument("--processes", type=int, default=1, help="training processes (default 1)")
     args = parser.parse_args(argv)
 
     if not args.dataset.is_dir():
         raise UserInputError(f"{args.dataset} is not a clip dataset folder (no such folder); run prepare_clips first")
     rows, report = load_dataset_folder(args.dataset)
-    print(render_report(rows, report, args.dataset), end="")
+    if args.batch_size < 1 or args.processes < 1:
+        raise UserInputError("--batch-size and --processes must be 1 or more")
+    print(render_report(rows, report, args.dataset, args.batch_size, args.processes), end="")
     plot = args.plot or args.dataset / PLOT_FILE
     try:
         write_plot(rows, report, plot, title=str(args.dataset))

@@ -2,6 +2,10 @@
 
     python data_tools/prepare_clips.py SOURCE OUTPUT [--mode uniform --num-windows 4] [--bucket 49x480x720 ...]
 
+Buckets (docs/data.md): by default seven frame counts (17 to 121) by seven aspect ratios of 720x480's area; a
+video takes the nearest aspect ratio and the longest frame count it fills. A re-run into the same OUTPUT decodes
+only new or changed files; with other rules it is refused unless --replace.
+
 Captions come from a sidecar <name>.txt beside each file, else captions.jsonl ({"file", "caption"} per
 line) or captions.csv (columns file,caption) in SOURCE. OUTPUT gets manifest.parquet and report.txt /
 report.json listing every dropped file with its reason. Exits 0 unless no usable clip remains.
@@ -15,8 +19,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from happyhorse_train.data.clip_rules import Bucket, ClipRules  # noqa: E402
-from happyhorse_train.data.prepare import prepare_clips, write_dataset_folder  # noqa: E402
+from happyhorse_train.data.clip_rules import DEFAULT_FRAME_COUNTS, Bucket, ClipRules, aspect_sizes  # noqa: E402
+from happyhorse_train.data.prepare import (  # noqa: E402
+    check_source,
+    open_output_folder,
+    prepare_clips,
+    write_dataset_folder,
+)
+from happyhorse_train.data.sampler import unused_clips  # noqa: E402
 from happyhorse_train.errors import UserInputError, report_user_errors  # noqa: E402
 
 
@@ -42,8 +52,12 @@ def main(argv: list[str] | None = None) -> None:
         "--bucket",
         type=parse_bucket,
         action="append",
-        help="FRAMESxHEIGHTxWIDTH, repeatable (default 121x480x720 and 121x720x480)",
+        help=f"FRAMESxHEIGHTxWIDTH, repeatable (default: frames {','.join(map(str, DEFAULT_FRAME_COUNTS))} by sizes "
+        f"{', '.join(f'{h}x{w}' for h, w in aspect_sizes())})",
     )
+    parser.add_argument("--replace", action="store_true", help="replace a dataset in OUTPUT made with other rules")
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="training's data.batch_size, to report clips no batch will hold (default 1)")
     parser.add_argument(
         "--missing-caption",
         choices=["drop", "empty"],
@@ -65,11 +79,22 @@ def main(argv: list[str] | None = None) -> None:
         )
     except ValueError as error:
         raise UserInputError(str(error)) from error
-    result = prepare_clips(args.source, rules, num_workers=args.workers)
-    write_dataset_folder(result, args.source.resolve(), args.output, rules)
+    source = check_source(args.source)
+    known = open_output_folder(args.output, source, rules, args.replace)
+    result = prepare_clips(source, rules, num_workers=args.workers, known=known)
+    unused = unused_clips([row["bucket"] for row in result.rows], args.batch_size).line(
+        args.batch_size, fix="lower data.batch_size, or prepare with fewer --bucket sizes"
+    )
+    if unused:
+        result.notes.append(unused)
+    write_dataset_folder(result, source, args.output, rules)
     kept = len({row["source"] for row in result.rows})
     report = args.output / "report.txt"
+    if known:
+        print(f"decoded {result.files_probed} new or changed file(s); the others as the previous run found them")
     print(f"{len(result.rows)} clips from {kept} files; {len(result.dropped)} dropped (see {report})")
+    if unused:
+        print(f"note: {unused}")
     print(f"wrote {args.output / 'manifest.parquet'}")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from typing import Callable, TypeVar
 
@@ -23,8 +24,8 @@ class RunHalted(ClearError, RuntimeError):
 
 
 def report_user_errors(main: F) -> F:
-    """Wrap an entry point so a `ClearError` prints `error: <message>` and exits with status 2, and Ctrl-C one
-    line and 130."""
+    """Wrap an entry point so a `ClearError` prints `error: <message>` and exits with status 2, Ctrl-C one
+    line and 130, and a closed pipe on stdout nothing and 0."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -37,5 +38,8 @@ def report_user_errors(main: F) -> F:
             print("error: interrupted; every file written completely is kept (each is written whole, then "
                   "renamed), so running the command again continues from them", file=sys.stderr)
             sys.exit(130)
+        except BrokenPipeError:  # the reader went away (`... | head`): what it wanted was printed
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
+            sys.exit(0)
 
     return wrapper  # type: ignore[return-value]

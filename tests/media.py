@@ -23,11 +23,14 @@ def frame_pattern(index: int, width: int, height: int, level: int = 0) -> np.nda
 
 
 def write_video(
-    path: Path, num_frames: int, fps: float, width: int = 96, height: int = 64, caption: str | None = "a bar"
+    path: Path, num_frames: int, fps: float, width: int = 96, height: int = 64, caption: str | None = "a bar",
+    index_first: bool = False,
 ) -> Path:
+    """An H.264 mp4; with `index_first` its index (moov atom) precedes the frames, as streaming files have it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with imageio.get_writer(
-        path, fps=fps, codec="libx264", macro_block_size=2, quality=8, ffmpeg_log_level="error"
+        path, fps=fps, codec="libx264", macro_block_size=2, quality=8, ffmpeg_log_level="error",
+        output_params=["-movflags", "+faststart"] if index_first else None,
     ) as writer:
         name_hash = zlib.crc32(path.name.encode())
         for index in range(num_frames):
@@ -42,4 +45,20 @@ def write_still(path: Path, width: int, height: int, caption: str | None = "a st
     Image.fromarray(frame_pattern(0, width, height)).save(path)
     if caption is not None:
         path.with_suffix(".txt").write_text(caption, encoding="utf-8")
+    return path
+
+
+def ffmpeg(*args: str) -> None:
+    """Run the ffmpeg binary that imageio-ffmpeg ships (no system ffmpeg is assumed)."""
+    import subprocess
+
+    import imageio_ffmpeg
+
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-y", *args], check=True)
+
+
+def write_audio(path: Path, seconds: float = 1.0) -> Path:
+    """An mp4 holding only an AAC audio stream."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ffmpeg("-f", "lavfi", "-i", f"sine=frequency=440:duration={seconds}", "-c:a", "aac", str(path))
     return path

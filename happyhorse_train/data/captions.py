@@ -13,7 +13,7 @@ class CaptionError(Exception):
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8").strip()
+        return path.read_text(encoding="utf-8-sig").strip()  # -sig: a byte-order mark is not caption text
     except UnicodeDecodeError as error:
         raise CaptionError(
             f"caption file {path.name} is not UTF-8 text ({error.reason} at byte {error.start})"
@@ -71,9 +71,10 @@ class CaptionIndex:
             self._add(row["file"], row["caption"])
 
     def caption_for(self, media: Path) -> str | None:
-        """The caption, None when there is none; raises CaptionError when the sidecar is unreadable."""
+        """The caption, None when there is none (an empty or blank one is none too); raises CaptionError when the
+        sidecar is unreadable."""
         sidecar = media.with_suffix(".txt")
         if sidecar.is_file():
-            return _read_text(sidecar)
+            return _read_text(sidecar) or None
         relative = media.relative_to(self.root).as_posix()
-        return self.mapping.get(relative, self.mapping.get(media.name))
+        return self.mapping.get(relative, self.mapping.get(media.name)) or None

@@ -2,6 +2,10 @@
 
 A clip of N frames at the target fps takes source frame `start + floor(i * source_fps / target_fps)`
 for i in 0..N-1 (nearest earlier frame: 60 -> 24 fps takes 0, 2, 5, 7, 10, ...; 24 -> 24 takes every frame).
+
+Buckets group: a video takes the size of the bucket nearest its aspect ratio, and the longest frame count
+of that size that it fills, so clips of any length and shape land in a few shapes (the default: seven frame
+counts by seven aspect ratios of the model's pixel area).
 """
 
 from __future__ import annotations
@@ -26,6 +30,27 @@ class Bucket:
     def aspect(self) -> float:
         return self.width / self.height
 
+    def __str__(self) -> str:
+        return f"{self.frames}x{self.height}x{self.width}"
+
+
+DEFAULT_FRAME_COUNTS = (17, 33, 49, 65, 81, 97, 121)  # 0.7 to 5 s at 24 fps
+DEFAULT_ASPECTS = ((16, 9), (3, 2), (4, 3), (1, 1), (3, 4), (2, 3), (9, 16))  # width : height
+DEFAULT_AREA = 720 * 480  # HappyHorse-1.0's pixels per frame
+
+
+def aspect_sizes(area: int = DEFAULT_AREA, aspects=DEFAULT_ASPECTS) -> list[tuple[int, int]]:
+    """(height, width) per aspect ratio, each a multiple of 16, with about `area` pixels (3:2 of 720x480: itself)."""
+    sizes = []
+    for aspect_w, aspect_h in aspects:
+        height = math.sqrt(area * aspect_h / aspect_w)
+        sizes.append((round(height / 16) * 16, round(height * aspect_w / aspect_h / 16) * 16))
+    return sizes
+
+
+def default_buckets() -> list[Bucket]:
+    return [Bucket(frames, h, w) for h, w in aspect_sizes() for frames in DEFAULT_FRAME_COUNTS]
+
 
 @dataclass
 class ClipRules:
@@ -34,7 +59,7 @@ class ClipRules:
     mode: str = "head"  # head | uniform | sliding
     num_windows: int = 3  # uniform: how many evenly spaced windows
     stride: int = 0  # sliding: step between window starts in target frames; 0 = the window length
-    buckets: list[Bucket] = field(default_factory=lambda: [Bucket(121, 480, 720), Bucket(121, 720, 480)])
+    buckets: list[Bucket] = field(default_factory=default_buckets)
     missing_caption: str = "drop"  # drop | empty
 
     def __post_init__(self) -> None:
@@ -48,8 +73,11 @@ class ClipRules:
         if self.min_frames < 1 or (self.min_frames - 1) % 4:
             raise ValueError(f"min_frames={self.min_frames} must be of the form 4k+1")
         for b in self.buckets:
-            if (b.frames - 1) % 4 or b.frames < 1 or b.height % 16 or b.width % 16:
-                raise ValueError(f"bucket {b}: frames must be 4k+1 and height, width multiples of 16")
+            wrong = [f"frames {b.frames} is not 4k+1"] if b.frames < 1 or (b.frames - 1) % 4 else []
+            wrong += [f"{name} {value} is not a multiple of 16" for name, value in
+                      (("height", b.height), ("width", b.width)) if value % 16 or value < 16]
+            if wrong:
+                raise ValueError(f"bucket {b}: {', '.join(wrong)}")
 
 
 def largest_4k1(n: int) -> int:
@@ -71,11 +99,18 @@ def frames_available(source_frames: int, start: int, source_fps: float, target_f
     return math.ceil((source_frames - start) / ratio - _EPS)
 
 
-def nearest_bucket(width: int, height: int, buckets: list[Bucket], still: bool = False) -> Bucket:
-    """The bucket whose aspect ratio is nearest (in log space) to width / height; stills get 1 frame."""
+def nearest_size(width: int, height: int, buckets: list[Bucket]) -> tuple[int, int]:
+    """The (height, width) of the buckets whose aspect ratio is nearest (in log space) to width / height."""
     aspect = math.log(width / height)
-    best = min(buckets, key=lambda b: abs(math.log(b.aspect) - aspect))
-    return Bucket(1, best.height, best.width) if still else best
+    best = min(buckets, key=lambda b: (abs(math.log(b.aspect) - aspect), b.height, b.width))
+    return best.height, best.width
+
+
+def nearest_bucket(width: int, height: int, buckets: list[Bucket], still: bool = False) -> Bucket:
+    """The nearest-aspect bucket with the most frames; stills get 1 frame of that size."""
+    size = nearest_size(width, height, buckets)
+    frames = 1 if still else max(b.frames for b in buckets if (b.height, b.width) == size)
+    return Bucket(frames, *size)
 
 
 def window_starts(source_frames: int, source_fps: float, clip_frames: int, rules: ClipRules) -> list[int]:
@@ -96,13 +131,18 @@ def window_starts(source_frames: int, source_fps: float, clip_frames: int, rules
 def plan_clips(
     source_frames: int, source_fps: float, width: int, height: int, rules: ClipRules
 ) -> tuple[Bucket, int, list[int]] | str:
-    """(bucket, clip frames, window starts) for a video, or the reason it yields no clip."""
-    bucket = nearest_bucket(width, height, rules.buckets)
+    """(bucket, clip frames, window starts) for a video, or the reason it yields no clip: the bucket is the
+    nearest-aspect size with the longest frame count the video fills (at least min_frames)."""
+    size = nearest_size(width, height, rules.buckets)
     available = frames_available(source_frames, 0, source_fps, rules.target_fps)
-    clip_frames = min(bucket.frames, largest_4k1(available))
-    if clip_frames < rules.min_frames:
+    counts = sorted(b.frames for b in rules.buckets if (b.height, b.width) == size and b.frames >= rules.min_frames)
+    fitting = [frames for frames in counts if frames <= available]
+    if not fitting:
+        shortest = counts[0] if counts else rules.min_frames
         return (
             f"too short: {source_frames} frames at {source_fps:g} fps give {available} frames at "
-            f"{rules.target_fps:g} fps, fewer than min_frames={rules.min_frames}"
+            f"{rules.target_fps:g} fps, fewer than {shortest} (the shortest bucket of size {size[0]}x{size[1]}"
+            f"{'' if counts else f', min_frames={rules.min_frames}'})"
         )
-    return bucket, clip_frames, window_starts(source_frames, source_fps, clip_frames, rules)
+    bucket = Bucket(fitting[-1], *size)
+    return bucket, bucket.frames, window_starts(source_frames, source_fps, bucket.frames, rules)

@@ -12,9 +12,9 @@ from collections import Counter
 from pathlib import Path
 
 from happyhorse_train.data.prepare import MANIFEST_FILE, REPORT_JSON, load_manifest
+from happyhorse_train.data.sampler import unused_clips
 from happyhorse_train.errors import UserInputError
 
-PLOT_FILE = "inspect.png"
 LINE_WIDTH = 100
 BAR_WIDTH = 40
 TOP_SOURCES, MISSING_CAPTION_EXAMPLES, DROPPED_EXAMPLES = 10, 10, 5
@@ -201,8 +201,11 @@ def _section(title: str) -> list[str]:
     return ["", title, "=" * len(title)]
 
 
-def render_report(rows: list[dict], report: dict, folder: str | Path | None = None) -> str:
-    """The whole terminal report: summary, buckets, frame counts, sources, captions, drops."""
+def render_report(
+    rows: list[dict], report: dict, folder: str | Path | None = None, batch_size: int = 1, processes: int = 1
+) -> str:
+    """The whole terminal report: summary, buckets, frame counts, clips no batch of `batch_size` holds, sources,
+    captions, drops."""
     lines = []
     if folder is not None:
         lines.append(f"dataset: {folder}")
@@ -216,6 +219,8 @@ def render_report(rows: list[dict], report: dict, folder: str | Path | None = No
         buckets = bucket_histogram(rows)
         lines += _section(f"buckets (frames x height x width): {len(buckets)} used")
         lines += _share_table("bucket", buckets, len(rows), "lrrl")
+        unused = unused_clips(dict(buckets), batch_size, processes).line(batch_size, processes, "lower the batch size")
+        lines += ["", f"note: {unused}" if unused else f"at batch size {batch_size} every clip is trained every epoch"]
         lines += _section("frames per clip")
         lines += _share_table("frames", frame_histogram(rows), len(rows), "rrrl")
         lines += _source_lines(rows)
@@ -228,7 +233,7 @@ def render_report(rows: list[dict], report: dict, folder: str | Path | None = No
         kinds = [_cut(kind, 40) for kind, _ in groups]
         room = LINE_WIDTH - max(len("reason"), *map(len, kinds)) - len("  files  ")  # what the examples may use
         table = [
-            [kind, len(paths), _name_list([file_name(p) for p in paths], DROPPED_EXAMPLES, room)]
+            [kind, len(paths), _name_list(paths, DROPPED_EXAMPLES, room)]  # (relative to the source folder)
             for kind, (_, paths) in zip(kinds, groups)
         ]
         lines += format_table(["reason", "files", "examples"], table, "lrl")

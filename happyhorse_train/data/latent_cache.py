@@ -57,6 +57,7 @@ class LatentCache:
         self._location: dict[str, str] = {}  # entry key -> shard file name
         self._handles: dict[str, object] = {}
         self.quarantined: list[tuple[str, str]] = []  # (shard, why) moved to corrupt/ by this object
+        self.vanished: list[tuple[str, int]] = []  # (shard, entries) listed in index.json but no longer on disk
         self.refresh()
 
     # --- index --------------------------------------------------------------------------------
@@ -71,6 +72,7 @@ class LatentCache:
             index, torn = {}, True
         present = sorted(p.name for p in self.shard_dir.glob("*.safetensors"))
         changed = torn or bool(set(index) - set(present))
+        self.vanished += [(name, len(keys)) for name, keys in index.items() if name not in present]
         index = {name: keys for name, keys in index.items() if name in present}
         for name in present:
             if name in index:
@@ -97,6 +99,17 @@ class LatentCache:
         if len(self.quarantined) > before:
             self.refresh(write_index=True)
         return self.quarantined[before:]
+
+    def check(self, verify: bool) -> list[str]:
+        """Re-hash every shard when `verify`; a line for each shard moved aside or gone since the index was
+        written, whose entries the next fill encodes again."""
+        if verify:
+            self.verify()
+        lines = [f"cache: {shard} moved to {self.folder / 'corrupt'} ({why}); its entries are encoded again"
+                 for shard, why in self.quarantined]
+        lines += [f"cache: {shard} ({entries} entries) is gone from {self.shard_dir}; its entries are encoded again"
+                  for shard, entries in self.vanished]
+        return lines
 
     def _quarantine(self, name: str, why: str) -> None:
         corrupt = self.folder / "corrupt"

@@ -5,6 +5,8 @@ The folder holds:
   report.json        every dropped file / clip with its reason, and the counts
   report.txt         the same for people
   rules.json         the rules the manifest was made with
+  probes.json        what decoding each source file told (frames, fps, size, checksum, or why it failed),
+                     by path, size and mtime: a re-run decodes only new or changed files
 """
 
 from __future__ import annotations
@@ -21,18 +23,39 @@ from tqdm import tqdm
 
 from happyhorse_train.data.captions import CaptionError, CaptionIndex
 from happyhorse_train.data.clip_rules import ClipRules, nearest_bucket, plan_clips, source_frame_indices
-from happyhorse_train.data.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES, UnreadableMedia, probe
+from happyhorse_train.data.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES, MediaInfo, UnreadableMedia, probe
 from happyhorse_train.errors import UserInputError
 from happyhorse_train.files import file_digest, write_atomic
 
 MANIFEST_FILE, REPORT_JSON, REPORT_TEXT, RULES_FILE = "manifest.parquet", "report.json", "report.txt", "rules.json"
+PROBES_FILE, PLOT_FILE = "probes.json", "inspect.png"  # what decoding each file told; inspect_dataset's plot
 _SIDE_FILES = {"captions.jsonl", "captions.csv"}
 
 
 @dataclass
 class Dropped:
-    source: str
+    source: str  # relative to the source folder
     reason: str
+
+
+@dataclass
+class FileProbe:
+    """What decoding a file told: its media facts and content fingerprint, or why it does not decode. Kept in
+    the dataset folder (PROBES_FILE) by path, size and mtime, so a re-run with the same rules probes only new
+    or changed files."""
+
+    size: int
+    mtime_ns: int
+    fingerprint: str = ""
+    num_frames: int = 0
+    fps: float = 0.0
+    width: int = 0
+    height: int = 0
+    reason: str | None = None
+
+    def matches(self, path: Path) -> bool:
+        stat = path.stat()
+        return (self.size, self.mtime_ns) == (stat.st_size, stat.st_mtime_ns)
 
 
 @dataclass
@@ -41,19 +64,30 @@ class PrepareResult:
     dropped: list[Dropped] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # problems that dropped nothing by themselves
     files_seen: int = 0
+    probes: dict[str, FileProbe] = field(default_factory=dict)  # by relative path
+    files_probed: int = 0  # of them, decoded in this run (the rest were known from a previous run)
 
 
 def _clip_id(*parts: object) -> str:
     return hashlib.blake2b("|".join(map(str, parts)).encode(), digest_size=8).hexdigest()
 
 
-def clips_of_file(path: Path, caption: str, rules: ClipRules) -> tuple[list[dict], str | None]:
-    """The manifest rows of one media file, or the reason it yields none. Runs in a worker process."""
+def probe_file(path: Path) -> FileProbe:
+    """Decode one media file (in a worker process): its facts, or the reason it does not decode."""
+    stat = path.stat()
     try:
         info = probe(path)
     except UnreadableMedia as error:
-        return [], str(error)
-    content = file_digest(path)
+        return FileProbe(stat.st_size, stat.st_mtime_ns, reason=str(error))
+    return FileProbe(stat.st_size, stat.st_mtime_ns, file_digest(path), info.num_frames, info.fps, info.width,
+                     info.height)
+
+
+def clips_of_file(path: Path, probed: FileProbe, caption: str, rules: ClipRules) -> tuple[list[dict], str | None]:
+    """The manifest rows of one probed media file, or the reason it yields none."""
+    if probed.reason:
+        return [], probed.reason
+    info = MediaInfo(probed.num_frames, probed.fps, probed.width, probed.height)
     if info.is_still:
         bucket = nearest_bucket(info.width, info.height, rules.buckets, still=True)
         clip_frames, starts, span = 1, [0], 1
@@ -63,28 +97,27 @@ def clips_of_file(path: Path, caption: str, rules: ClipRules) -> tuple[list[dict
             return [], plan
         bucket, clip_frames, starts = plan
         span = source_frame_indices(0, clip_frames, info.fps, rules.target_fps)[-1] + 1
-    rows = []
-    for start in starts:
-        rows.append(
-            {
-                "clip_id": _clip_id(content, start, clip_frames, rules.target_fps, bucket.height, bucket.width),
-                "source": str(path),
-                "fingerprint": content,
-                "start_frame": start,
-                "num_frames": clip_frames,
-                "source_span": span,
-                "source_frames": info.num_frames,
-                "source_fps": info.fps,
-                "target_fps": float(rules.target_fps) if not info.is_still else 0.0,
-                "width": info.width,
-                "height": info.height,
-                "bucket": f"{clip_frames}x{bucket.height}x{bucket.width}",
-                "bucket_height": bucket.height,
-                "bucket_width": bucket.width,
-                "caption": caption,
-            }
-        )
-    return rows, None
+    content = probed.fingerprint
+    return [
+        {
+            "clip_id": _clip_id(content, start, clip_frames, rules.target_fps, bucket.height, bucket.width),
+            "source": str(path),
+            "fingerprint": content,
+            "start_frame": start,
+            "num_frames": clip_frames,
+            "source_span": span,
+            "source_frames": info.num_frames,
+            "source_fps": info.fps,
+            "target_fps": float(rules.target_fps) if not info.is_still else 0.0,
+            "width": info.width,
+            "height": info.height,
+            "bucket": f"{clip_frames}x{bucket.height}x{bucket.width}",
+            "bucket_height": bucket.height,
+            "bucket_width": bucket.width,
+            "caption": caption,
+        }
+        for start in starts
+    ], None
 
 
 def find_media(root: Path) -> tuple[list[Path], list[Dropped]]:
@@ -97,54 +130,76 @@ def find_media(root: Path) -> tuple[list[Path], list[Dropped]]:
         if suffix in VIDEO_SUFFIXES or suffix in IMAGE_SUFFIXES:
             media.append(path)
         elif suffix != ".txt":
-            ignored.append(Dropped(str(path), f"not a video or image ({suffix or 'no suffix'})"))
+            ignored.append(Dropped(relative.as_posix(), f"not a video or image ({suffix or 'no suffix'})"))
     return media, ignored
 
 
-def prepare_clips(source: Path, rules: ClipRules, num_workers: int = 0, progress: bool = True) -> PrepareResult:
-    """Scan `source`, caption and probe every file, and plan its clips. Writes nothing."""
+def check_source(source: Path) -> Path:
+    """The resolved source folder, or one line saying what is wrong with it."""
     source = source.expanduser().resolve()
+    if source.is_file():
+        raise UserInputError(f"{source} is a file: give the folder that holds your videos and images")
     if not source.is_dir():
         raise UserInputError(f"source folder not found: {source}")
+    return source
+
+
+def prepare_clips(
+    source: Path, rules: ClipRules, num_workers: int = 0, progress: bool = True,
+    known: dict[str, FileProbe] | None = None,
+) -> PrepareResult:
+    """Scan `source`, caption every file, probe the ones `known` (a previous run's probes) does not hold
+    unchanged, and plan their clips. Writes nothing."""
+    source = check_source(source)
     media, ignored = find_media(source)
+    if not media:
+        raise UserInputError(
+            f"no videos or images in {source} (searched recursively for {', '.join(sorted(VIDEO_SUFFIXES))} and "
+            f"{', '.join(sorted(IMAGE_SUFFIXES))}; {len(ignored)} other file(s))"
+        )
     result = PrepareResult(dropped=ignored, files_seen=len(media) + len(ignored))
-    captions = CaptionIndex(source)
-    result.notes += [f"{name}: {reason}" for name, reason in captions.problems]
-
-    # Every file is probed, captioned or not: a file that does not decode is reported as such first.
-    jobs: list[tuple[Path, str]] = []
-    caption_problems: dict[Path, str] = {}
-    for path in media:
-        try:
-            caption = captions.caption_for(path)
-        except CaptionError as error:
-            caption, caption_problems[path] = "", str(error)
-        if caption is None:
-            if rules.missing_caption == "drop":
-                caption_problems[path] = "no caption (sidecar .txt or captions.jsonl/csv entry)"
-            caption = ""
-        jobs.append((path, caption))
-
-    workers = num_workers or min(8, os.cpu_count() or 1)
+    names = {path: path.relative_to(source).as_posix() for path in media}
+    known = known or {}
+    result.probes = {names[p]: known[names[p]] for p in media if names[p] in known and known[names[p]].matches(p)}
+    to_probe = [path for path in media if names[path] not in result.probes]
+    result.files_probed = len(to_probe)
+    workers = min(num_workers or min(8, os.cpu_count() or 1), max(1, len(to_probe)))
     # spawn, not fork: a forked copy of a process that has started threads (torch, tqdm) can deadlock.
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(clips_of_file, path, caption, rules): path for path, caption in jobs}
-        outcomes = {}
+        futures = {pool.submit(probe_file, path): path for path in to_probe}
         for future in tqdm(as_completed(futures), total=len(futures), desc="probing files", disable=not progress):
-            outcomes[futures[future]] = future.result()
-
-    seen_content: dict[str, str] = {}
-    for path, _ in jobs:  # in sorted file order, so the manifest does not depend on which worker finished first
-        rows, reason = outcomes[path]
-        reason = reason or caption_problems.get(path)
-        if reason:
-            result.dropped.append(Dropped(str(path), reason))
-        elif rows[0]["fingerprint"] in seen_content:
-            result.dropped.append(Dropped(str(path), f"same content as {seen_content[rows[0]['fingerprint']]}"))
-        else:
-            seen_content[rows[0]["fingerprint"]] = str(path)
-            result.rows.extend(rows)
+            result.probes[names[futures[future]]] = future.result()
+    plan_rows(result, media, names, CaptionIndex(source), rules)
     return result
+
+
+def plan_rows(result: PrepareResult, media: list[Path], names: dict[Path, str], captions: CaptionIndex,
+              rules: ClipRules) -> None:
+    """Every probed file's clips or drop reason into `result`, in sorted file order (not the order workers
+    finished in). A file that does not decode is reported as such before a missing caption."""
+    result.notes += [f"{name}: {reason}" for name, reason in captions.problems]
+    seen_content: dict[str, str] = {}
+    missing = 0
+    for path in media:
+        try:
+            caption, caption_problem = captions.caption_for(path), None
+        except CaptionError as error:
+            caption, caption_problem = "", str(error)
+        if caption is None:
+            missing += 1
+            if rules.missing_caption == "drop":
+                caption_problem = "no caption (an empty sidecar .txt counts as none; or a captions.jsonl/csv entry)"
+        rows, reason = clips_of_file(path, result.probes[names[path]], caption or "", rules)
+        reason = reason or caption_problem
+        if reason:
+            result.dropped.append(Dropped(names[path], reason))
+        elif rows[0]["fingerprint"] in seen_content:
+            result.dropped.append(Dropped(names[path], f"same content as {seen_content[rows[0]['fingerprint']]}"))
+        else:
+            seen_content[rows[0]["fingerprint"]] = names[path]
+            result.rows.extend(rows)
+    if missing and rules.missing_caption == "empty":
+        result.notes.append(f"{missing} file(s) have no caption: kept with an empty one (--missing-caption empty)")
 
 
 def report_text(result: PrepareResult, source: Path) -> str:
@@ -156,16 +211,60 @@ def report_text(result: PrepareResult, source: Path) -> str:
     ]
     if result.dropped:
         lines.append("dropped:")
-        lines += [f"  {Path(d.source).name}: {d.reason}" for d in result.dropped]
+        lines += [f"  {d.source}: {d.reason}" for d in result.dropped]
     if result.notes:
         lines.append("notes:")
         lines += [f"  {note}" for note in result.notes]
     return "\n".join(lines) + "\n"
 
 
+def _rules_record(rules: ClipRules) -> dict:
+    return json.loads(json.dumps(asdict(rules)))
+
+
+def _rule_differences(before: dict, now: dict) -> list[str]:
+    changed = []
+    for key in sorted(set(before) | set(now)):
+        old, new = before.get(key), now.get(key)
+        if old != new and key == "buckets":
+            added = sum(bucket not in (old or []) for bucket in new)
+            changed.append(f"buckets: {len(old or [])} -> {len(new or [])} ({added} new)")
+        elif old != new:
+            changed.append(f"{key}: {old} -> {new}")
+    return changed
+
+
+def open_output_folder(output: Path, source: Path, rules: ClipRules, replace: bool) -> dict[str, FileProbe]:
+    """Check the dataset folder before anything is decoded: one line when it cannot be written or holds a
+    dataset made with other rules (unless `replace`). Returns the probes of a previous run on `source`."""
+    if output.exists() and not output.is_dir():
+        raise UserInputError(f"{output} is a file: give a folder for the dataset (it is made if missing)")
+    rules_file = output / RULES_FILE
+    if (output / MANIFEST_FILE).exists() and not replace:
+        try:
+            before = json.loads(rules_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            before = {}
+        differences = _rule_differences(before, _rules_record(rules))
+        if differences:
+            raise UserInputError(
+                f"{output} holds a dataset made with other rules ({'; '.join(differences)}): pass --replace to "
+                "replace its manifest, or give another output folder"
+            )
+    try:
+        record = json.loads((output / PROBES_FILE).read_text())
+    except (OSError, json.JSONDecodeError):  # none yet, or torn: every file is probed again
+        return {}
+    if record.get("source") != str(source):
+        return {}
+    return {name: FileProbe(**probed) for name, probed in record["files"].items()}
+
+
 def write_dataset_folder(result: PrepareResult, source: Path, output: Path, rules: ClipRules) -> None:
-    """Write the report first (it explains an empty result too), then the manifest."""
+    """Write the probes and the report first (the report explains an empty result too), then the manifest."""
     output.mkdir(parents=True, exist_ok=True)
+    probes = {"source": str(source), "files": {name: asdict(p) for name, p in sorted(result.probes.items())}}
+    write_atomic(output / PROBES_FILE, lambda p: p.write_text(json.dumps(probes, ensure_ascii=False)))
     summary = {
         "source": str(source),
         "files_seen": result.files_seen,
@@ -177,13 +276,13 @@ def write_dataset_folder(result: PrepareResult, source: Path, output: Path, rule
     write_atomic(output / REPORT_JSON, lambda p: p.write_text(json.dumps(summary, indent=2, ensure_ascii=False)))
     write_atomic(output / REPORT_TEXT, lambda p: p.write_text(report_text(result, source), encoding="utf-8"))
     write_atomic(output / RULES_FILE, lambda p: p.write_text(json.dumps(asdict(rules), indent=2)))
+    (output / PLOT_FILE).unlink(missing_ok=True)  # a plot of the manifest being replaced
     if not result.rows:
+        (output / MANIFEST_FILE).unlink(missing_ok=True)
         raise UserInputError(
             f"no usable clips in {source}: {len(result.dropped)} file(s) dropped, reasons in {output / REPORT_TEXT}"
         )
-    from datasets import Dataset
-
-    write_atomic(output / MANIFEST_FILE, lambda p: Dataset.from_list(result.rows).to_parquet(str(p)))
+    write_atomic(output / MANIFEST_FILE, lambda p: _datasets().Dataset.from_list(result.rows).to_parquet(str(p)))
 
 
 def load_manifest(folder: str | Path):
@@ -191,6 +290,13 @@ def load_manifest(folder: str | Path):
     path = Path(folder) / MANIFEST_FILE
     if not path.is_file():
         raise UserInputError(f"{folder} is not a clip dataset folder ({MANIFEST_FILE} is missing); run prepare_clips")
-    from datasets import Dataset
+    return _datasets().Dataset.from_parquet(str(path))
 
-    return Dataset.from_parquet(str(path))
+
+def _datasets():
+    """The `datasets` module, imported late (it takes seconds) and with its progress bars off: "Generating
+    train split" for one small local file tells a user nothing."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    return datasets

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Hashable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import Sampler
@@ -12,6 +14,45 @@ from happyhorse_train.errors import UserInputError
 
 # Fields that must match between a checkpointed state and this sampler; any difference changes the batch list.
 _MUST_MATCH = ("num_items", "batch_size", "world_size", "drop_last", "buckets_sha256")
+
+
+def batches_per_epoch(bucket_sizes: Sequence[int], batch_size: int, world_size: int, drop_last: bool) -> int:
+    """Batches each rank takes per epoch: whole batches per bucket (or with their short tails), the global
+    count cut to a multiple of the world size."""
+    per_bucket = [n // batch_size if drop_last else -(-n // batch_size) for n in bucket_sizes]
+    return sum(per_bucket) // world_size
+
+
+@dataclass(frozen=True)
+class UnusedClips:
+    never: dict[str, int]  # bucket -> clips, for buckets too small to make one batch: never trained
+    per_epoch: int  # clips of the other buckets each epoch leaves out (bucket remainders; different ones each time)
+
+    def line(self, batch_size: int, world_size: int = 1, fix: str = "lower the batch size") -> str | None:
+        """One sentence for people, or None when every clip is trained every epoch."""
+        parts = []
+        if self.never:
+            shown = ", ".join(f"{bucket}: {n}" for bucket, n in sorted(self.never.items())[:5])
+            more = f", and {len(self.never) - 5} more" if len(self.never) > 5 else ""
+            parts.append(
+                f"{sum(self.never.values())} clip(s) in {len(self.never)} bucket(s) smaller than a batch are never "
+                f"trained ({shown}{more}; a batch takes clips of one bucket): {fix}, or add clips of those shapes"
+            )
+        if self.per_epoch:
+            parts.append(f"{self.per_epoch} clip(s) per epoch are left out as bucket remainders (others each epoch)")
+        if not parts:
+            return None
+        return f"at batch size {batch_size} on {world_size} process(es): " + "; ".join(parts)
+
+
+def unused_clips(buckets: Sequence[Hashable] | Mapping[Hashable, int], batch_size: int,
+                 world_size: int = 1) -> UnusedClips:
+    """Which clips a `BucketBatchSampler` (drop_last, as training uses it) leaves out: given each clip's bucket,
+    or the clip count per bucket."""
+    counts = Counter(dict(buckets)) if isinstance(buckets, Mapping) else Counter(buckets)
+    used = batches_per_epoch(list(counts.values()), batch_size, world_size, drop_last=True) * world_size
+    never = {str(bucket): n for bucket, n in counts.items() if n < batch_size}
+    return UnusedClips(never, sum(counts.values()) - sum(never.values()) - used * batch_size)
 
 
 class BucketBatchSampler(Sampler[list[int]]):
@@ -72,8 +113,7 @@ class BucketBatchSampler(Sampler[list[int]]):
             digest.update(repr(bucket).encode() + b"\0")
         self._buckets_sha256 = digest.hexdigest()[:16]
 
-        per_bucket = [len(g) // batch_size if drop_last else -(-len(g) // batch_size) for g in self._groups]
-        self._len = sum(per_bucket) // world_size
+        self._len = batches_per_epoch([len(g) for g in self._groups], batch_size, world_size, drop_last)
 
     def set_epoch(self, epoch: int) -> None:
         # Only a new epoch restarts at batch 0: a loop that resumes and then calls set_epoch(same epoch), as

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import re
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,15 +37,82 @@ def _open_video(path: Path, width: int = -1, height: int = -1):
 
     if path.stat().st_size == 0:
         raise UnreadableMedia("empty file (0 bytes)")
+    decord.logging.set_level(decord.logging.QUIET)  # FFmpeg's own log lines would spill over the progress bars
     try:
-        return decord.VideoReader(str(path), ctx=decord.cpu(0), width=width, height=height, num_threads=1)
+        with _stderr_discarded():  # decord logs a failed open itself, besides raising
+            return decord.VideoReader(str(path), ctx=decord.cpu(0), width=width, height=height, num_threads=1)
     except Exception as error:  # decord raises its own DECORDError and RuntimeError variants
-        raise UnreadableMedia(f"cannot open as video: {_first_line(error)}") from error
+        raise UnreadableMedia(_open_failure(path, error)) from error
 
 
-def _first_line(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:200] if text else type(error).__name__
+@contextmanager
+def _stderr_discarded():
+    """File descriptor 2 points at /dev/null meanwhile: native code writes there, past sys.stderr."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "wb") as null:
+        os.dup2(null.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _has_container_signature(path: Path) -> bool:
+    """Whether the file starts like an MP4/MOV (an ISO box) or WebM/MKV (EBML) container."""
+    with open(path, "rb") as handle:
+        head = handle.read(12)
+    return head[4:8] in _ISO_BOXES or head[:4] == b"\x1a\x45\xdf\xa3"
+
+
+_ISO_BOXES = (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip")
+
+
+def _iso_cut_short(path: Path) -> tuple[bool, bool]:
+    """(whether an MP4/MOV's top-level boxes run past the end of the file, whether its index (moov) is whole)."""
+    size, offset, index_whole = path.stat().st_size, 0, False
+    with open(path, "rb") as handle:
+        while offset + 8 <= size:
+            handle.seek(offset)
+            header = handle.read(16)
+            box_size, kind = int.from_bytes(header[:4], "big"), header[4:8]
+            if box_size == 1 and len(header) == 16:  # a 64-bit size follows the type
+                box_size = int.from_bytes(header[8:16], "big")
+            elif box_size == 0:  # the box runs to the end of the file
+                box_size = size - offset
+            if box_size < 8:
+                return False, index_whole  # not ISO boxes after all: nothing to say
+            if offset + box_size > size:
+                return True, index_whole
+            index_whole |= kind == b"moov"
+            offset += box_size
+    return False, index_whole
+
+
+def _open_failure(path: Path, error: Exception) -> str:
+    """A plain drop reason for a video decord cannot open, the same on every run (no timestamps or paths)."""
+    if "cannot find video stream" in str(error):
+        return "no video stream (audio only, or not a video)"
+    if not _has_container_signature(path):
+        return "not a video: the bytes are not an MP4, MOV, WebM or MKV container"
+    cut_short, index_whole = _iso_cut_short(path)
+    if cut_short and not index_whole:
+        return "truncated: the file ends before its index (moov atom), so no frame of it can be found"
+    if cut_short:
+        return (f"truncated: the file ends mid-stream ({path.stat().st_size} bytes), and decord cannot open this "
+                "partial file; `ffmpeg -i FILE -c copy FIXED.mp4` may recover the frames before the cut")
+    if str(error).startswith("Error reading"):  # decord's whole message for a container FFmpeg cannot parse
+        return "unreadable container: FFmpeg cannot parse it (damaged, or an unfinished recording)"
+    return f"cannot open as video: {_decoder_message(error)}"
+
+
+def _decoder_message(error: Exception) -> str:
+    """The decoder's message without its log prefixes (time of day, source file and line) or file paths."""
+    text = re.sub(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ", "", str(error)).strip()
+    text = re.sub(r"/\S+", "FILE", text)
+    lines = text.splitlines()
+    return lines[0][:200] if lines else type(error).__name__
 
 
 def count_decodable_frames(reader) -> int:
@@ -71,14 +142,14 @@ def probe(path: Path) -> MediaInfo:
             with Image.open(path) as image:
                 width, height = image.size
         except (UnidentifiedImageError, OSError, SyntaxError) as error:
-            raise UnreadableMedia(f"cannot open as image: {_first_line(error)}") from error
+            raise UnreadableMedia(f"cannot open as image: {_decoder_message(error)}") from error
         return MediaInfo(1, 0.0, width, height)
 
     reader = _open_video(path)
     try:
         height, width = reader[0].shape[:2]
     except Exception as error:
-        raise UnreadableMedia(f"the first frame does not decode: {_first_line(error)}") from error
+        raise UnreadableMedia(f"the first frame does not decode: {_decoder_message(error)}") from error
     fps = float(reader.get_avg_fps())
     del reader
     # Count on a small decode size: the codec still decodes every frame, but the colour conversion is cheap.
@@ -114,10 +185,15 @@ def load_clip(path: Path, frame_indices: list[int], height: int, width: int):
         with Image.open(path) as image:
             frames = np.array(image.convert("RGB"))[None]  # a copy: torch wants a writable array
     else:
-        reader = _open_video(path)
-        try:
-            frames = reader.get_batch(frame_indices).asnumpy()
-        except Exception as error:
-            span = f"{frame_indices[0]}..{frame_indices[-1]}"
-            raise UnreadableMedia(f"cannot decode frames {span}: {_first_line(error)}") from error
+        frames = read_frames(_open_video(path), frame_indices, frame_indices)
     return resize_and_crop(frames, height, width)
+
+
+def read_frames(reader, frame_indices: list[int], clip_indices: list[int]) -> np.ndarray:
+    """Frames of an open video as (N, H, W, 3) uint8; if they do not decode, UnreadableMedia naming the
+    clip's span (`clip_indices`: the clip's source frames, of which `frame_indices` may be a part)."""
+    try:
+        return reader.get_batch(frame_indices).asnumpy()
+    except Exception as error:  # decord raises its own DECORDError and RuntimeError variants
+        span = f"{clip_indices[0]}..{clip_indices[-1]}"
+        raise UnreadableMedia(f"cannot decode frames {span}: {_decoder_message(error)}") from error

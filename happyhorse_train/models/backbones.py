@@ -21,8 +21,16 @@ def get_spec(backbone: str, max_sequence_length: int = 512) -> ModelSpec:
 
 def spec_for_folder(path: str | Path, max_sequence_length: int = 512) -> ModelSpec:
     """The spec whose pipeline class a model folder's model_index.json names."""
-    index = Path(path) / "model_index.json"
-    class_name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise UserInputError(f"model folder not found: {folder}")
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise UserInputError(f"{folder} is not a diffusers model folder: model_index.json is missing")
+    try:
+        class_name = json.loads(index.read_text()).get("_class_name")
+    except json.JSONDecodeError as error:
+        raise UserInputError(f"{index} is not valid JSON ({error})") from error
     for spec_class in BACKBONES.values():
         if spec_class.pipeline_class.__name__ == class_name:
             return spec_class(max_sequence_length)

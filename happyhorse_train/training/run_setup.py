@@ -14,7 +14,7 @@ from happyhorse_train.data.cache_fill import fill_cache
 from happyhorse_train.data.dataset import CachedClipDataset
 from happyhorse_train.data.latent_cache import LatentCache
 from happyhorse_train.data.prepare import load_manifest
-from happyhorse_train.data.sampler import BucketBatchSampler
+from happyhorse_train.data.sampler import BucketBatchSampler, unused_clips
 from happyhorse_train.errors import UserInputError
 from happyhorse_train.memory.offload import BlockSwap, pipeline_encoders, repeated_blocks
 from happyhorse_train.memory.recompute import checkpointing_function, compile_blocks
@@ -109,7 +109,7 @@ def load_cached_data(cfg, accelerator, strategy, spec, compute_dtype):
     # a full fine-tune keeps float32 master weights.
     load_dtype = compute_dtype if cfg.trainer.mode == "lora" else torch.float32
     manifest, held_out = split_eval_clips(cfg)
-    batch_sampler(manifest["bucket"], cfg, rank, world)  # before loading: a batch size no bucket fills fails here
+    batch_sampler(manifest["bucket"], cfg, rank, world, log)  # before loading: a batch size no bucket fills fails here
     # The transformer stays off the GPU while the encoders fill the cache (a quantized one is not even loaded
     # yet): the two together would not fit the cards the memory settings are for.
     with strategy.loading():
@@ -120,9 +120,9 @@ def load_cached_data(cfg, accelerator, strategy, spec, compute_dtype):
     pipe.set_progress_bar_config(disable=True)
     check_sizes(cfg, pipe, set(manifest["bucket"]) | set(held_out["bucket"] if held_out else []))
     cache = LatentCache(cfg.data.cache or Path(cfg.data.dataset) / "cache")
-    if cfg.data.verify_cache and accelerator.is_main_process:
-        for shard, why in cache.verify():
-            log(f"cache: {shard} moved to {cache.folder / 'corrupt'} ({why}); its entries are re-encoded")
+    if accelerator.is_main_process:
+        for line in cache.check(cfg.data.verify_cache):
+            log(line)
     accelerator.wait_for_everyone()
     cache.refresh()
     encoder = spec.clip_encoder(pipe, cfg.model.path)
@@ -216,9 +216,9 @@ def restore(run: Run, checkpoint: Path) -> None:
         )
 
 
-def batch_sampler(buckets, cfg, rank: int, world: int) -> BucketBatchSampler:
+def batch_sampler(buckets, cfg, rank: int, world: int, log=None) -> BucketBatchSampler:
     """This process's batches of `buckets` (one clip's bucket each); refuses a batch size that makes none (the
-    loop would wait forever for its first batch)."""
+    loop would wait forever for its first batch) and, given `log`, says which clips no batch will hold."""
     sampler = BucketBatchSampler(list(buckets), cfg.data.batch_size, cfg.seed, rank, world)
     if len(sampler) == 0:
         largest = max(Counter(buckets).values())
@@ -227,4 +227,9 @@ def batch_sampler(buckets, cfg, rank: int, world: int) -> BucketBatchSampler:
             f"bucket of {cfg.data.dataset} holds {largest} usable clip(s), and a batch takes clips of one bucket "
             "(a bucket's last partial batch is dropped). Lower data.batch_size, or add clips"
         )
+    unused = unused_clips(list(buckets), cfg.data.batch_size, world).line(
+        cfg.data.batch_size, world, fix="lower data.batch_size"
+    )
+    if unused and log:
+        log(f"note: {unused}")
     return sampler

@@ -156,6 +156,7 @@ def test_a_killed_caching_run_resumes_to_the_same_cache(tmp_path, demo_model_dir
 
     resumed = run_script(*command[1:], "--cache", str(tmp_path / "killed"))
     assert resumed.returncode == 0, resumed.stderr
+    assert "Generating train split" not in resumed.stderr  # datasets' bar for reading one parquet file
     assert f"encoded {clips - written} clips" in resumed.stdout  # only what the killed run had not written
     straight = run_script(*command[1:], "--cache", str(tmp_path / "straight"))
     assert straight.returncode == 0, straight.stderr
@@ -189,3 +190,22 @@ def test_a_torn_cache_index_is_rebuilt_from_the_shards(tmp_path, encoder):
     cache = LatentCache(tmp_path / "cache")
     assert index.read_text() == whole  # rebuilt, as it was
     assert fill_cache(manifest, cache, encoder, progress=False).videos_encoded == 0  # nothing re-encoded
+
+
+def test_a_deleted_shard_is_named_and_a_missing_model_folder_is_one_line(tmp_path, encoder):
+    manifest = make_dataset(tmp_path / "src", tmp_path / "ds", 2)
+    fill_cache(manifest, LatentCache(tmp_path / "cache"), encoder, shard_size=1, progress=False)
+    LatentCache(tmp_path / "cache")  # writes the index
+    shard = sorted((tmp_path / "cache" / "shards").glob("*.safetensors"))[0]
+    shard.unlink()
+    cache = LatentCache(tmp_path / "cache")
+    gone = 2 + 3 - len(cache)  # 2 clips, 3 captions (the empty one too)
+    assert cache.check(verify=False) == [
+        f"cache: {shard.name} ({gone} entries) is gone from {shard.parent}; its entries are encoded again"
+    ]
+    stats = fill_cache(manifest, cache, encoder, progress=False)
+    assert stats.videos_encoded + stats.texts_encoded == gone > 0
+
+    missing = run_script("data_tools/cache_latents.py", str(tmp_path / "ds"), "--model", str(tmp_path / "nope"))
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert f"error: model folder not found: {tmp_path / 'nope'}" in missing.stderr

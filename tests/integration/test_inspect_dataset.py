@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -27,7 +28,8 @@ from tests.media import write_still, write_video
 
 # sliding windows with the default stride (the clip length), so sources give different numbers of clips
 RULES = ClipRules(
-    buckets=[Bucket(17, 64, 96), Bucket(17, 96, 64)], min_frames=9, mode="sliding", missing_caption="empty"
+    buckets=[Bucket(frames, *size) for size in ((64, 96), (96, 64)) for frames in (9, 17)], min_frames=9,
+    mode="sliding", missing_caption="empty",
 )
 
 
@@ -43,7 +45,7 @@ def dataset(tmp_path_factory):
     source, output = root / "source", root / "dataset"
     write_video(source / "long.mp4", 60, 24)  # starts 0, 17, 34: 3 clips of 17x64x96
     write_video(source / "medium.mp4", 40, 24)  # starts 0, 17: 2 clips of 17x64x96
-    write_video(source / "fast.mp4", 20, 30)  # 16 frames at 24 fps -> 13x64x96
+    write_video(source / "fast.mp4", 20, 30)  # 16 frames at 24 fps -> 9x64x96
     write_video(source / "portrait.mp4", 20, 24, width=64, height=96)  # 17x96x64
     write_video(source / "nocap.mp4", 12, 24, caption=None)  # 9x64x96, kept with an empty caption
     write_still(source / "still.png", 120, 80)  # 1x64x96
@@ -74,19 +76,20 @@ def test_cli_prints_exact_tables_and_writes_a_png(dataset):
     output, run = dataset
     assert run.returncode == 0, run.stderr
     out = run.stdout
-    assert "files: 9 seen, 6 kept, 3 dropped | clips: 9\ntraining frames: 125 | " in out, out
-    # 8 video clips: 6 x 17 + 13 + 9 = 124 frames at 24 fps = 5.2 s; the still adds a frame but no time
-    assert "duration: 5.2 s at 24 fps (+1 still(s))" in out
+    assert "files: 9 seen, 6 kept, 3 dropped | clips: 9\ntraining frames: 121 | " in out, out
+    # 8 video clips: 6 x 17 + 9 + 9 = 120 frames at 24 fps = 5.0 s; the still adds a frame but no time
+    assert "duration: 5.0 s at 24 fps (+1 still(s))" in out
 
     buckets = table(section(out, "buckets"))
     assert {b: int(cells[0]) for b, cells in buckets.items()} == {
-        "17x64x96": 5, "13x64x96": 1, "17x96x64": 1, "9x64x96": 1, "1x64x96": 1
+        "17x64x96": 5, "17x96x64": 1, "9x64x96": 2, "1x64x96": 1
     }
     assert buckets["17x64x96"][1] == "55.6%" and set(buckets["17x64x96"][2]) == {"#"}
     assert list(buckets)[0] == "17x64x96"  # largest first
 
     frames = table(section(out, "frames per clip"))
-    assert {int(f): int(cells[0]) for f, cells in frames.items()} == {1: 1, 9: 1, 13: 1, 17: 6}
+    assert {int(f): int(cells[0]) for f, cells in frames.items()} == {1: 1, 9: 2, 17: 6}
+    assert "at batch size 1 every clip is trained every epoch" in out
 
     sources = table(section(out, "clips per source file"))
     assert section(out, "clips per source file") and "6 source(s)" in out
@@ -110,6 +113,25 @@ def test_cli_prints_exact_tables_and_writes_a_png(dataset):
         image.verify()
     with Image.open(plot) as image:
         assert image.format == "PNG" and image.width > 400 and image.height > 300
+
+
+def test_batch_size_names_the_clips_no_batch_holds_and_a_closed_pipe_is_no_traceback(dataset, tmp_path):
+    output, _ = dataset
+    plot = str(tmp_path / "p.png")
+    run = run_script("data_tools/inspect_dataset.py", str(output), "--batch-size", "2", "--plot", plot)
+    assert run.returncode == 0, run.stderr
+    # 17x64x96 holds 5 (2 batches, 1 left over), 9x64x96 2 (1 batch); the portrait clip and the still alone
+    assert ("note: at batch size 2 on 1 process(es): 2 clip(s) in 2 bucket(s) smaller than a batch are never "
+            "trained (17x96x64: 1, 1x64x96: 1;") in run.stdout
+    assert "1 clip(s) per epoch are left out as bucket remainders" in run.stdout
+
+    import subprocess
+    import sys
+
+    # `| true` closes the pipe before the report is printed (`| head` does so at some point after its lines).
+    piped = subprocess.run(f"'{sys.executable}' data_tools/inspect_dataset.py '{output}' --plot '{tmp_path}/q.png' "
+                           "| true", shell=True, capture_output=True, text=True, cwd=Path(__file__).parents[2])
+    assert piped.returncode == 0 and piped.stderr == ""
 
 
 def test_plot_path_option_and_everything_dropped(tmp_path):
@@ -215,7 +237,7 @@ def test_report_text_stays_within_100_columns_and_caps_examples():
     long_name = "/d/" + "x" * 150 + ".mp4"
     rows = [row(f"/d/src_{i:02d}.mp4", 17, "17x64x96", caption="") for i in range(14)]
     rows.append(row(long_name, 9, "9x64x96"))
-    dropped = [{"source": f"/d/bad_{i}.mp4", "reason": "cannot open as video: moov atom not found"} for i in range(8)]
+    dropped = [{"source": f"bad_{i}.mp4", "reason": "cannot open as video: moov atom not found"} for i in range(8)]
     text = render_report(rows, {"files_seen": 23, "files_kept": 15, "dropped": dropped, "notes": ["n" * 300]})
     assert all(len(line) <= 100 for line in text.splitlines()), max(text.splitlines(), key=len)
     assert "15 source(s), top 10" in text and "... and 4 more source file(s)" in text

@@ -106,6 +106,8 @@ def test_resume_continues_exactly(dataset, demo_model_dir, tmp_path):
     common = [f"model.path={demo_model_dir}", f"data.dataset={dataset}", "trainer.max_steps=10", "data.batch_size=2"]
     straight = train(*common, f"output_dir={tmp_path / 'straight'}", "trainer.checkpoint_every=0")
     assert straight.returncode == 0, straight.stderr[-3000:]
+    assert ("note: at batch size 2 on 1 process(es): 1 clip(s) in 1 bucket(s) smaller than a batch are never "
+            "trained (9x48x32: 1;") in straight.stdout  # said at the start, before anything loads
     # 5 steps, as a run stopped after its step-5 checkpoint would have left things; then resume to 10.
     first = train(*common, f"output_dir={tmp_path / 'split'}", "trainer.max_steps=5")
     assert first.returncode == 0, first.stderr[-3000:]

@@ -5,6 +5,7 @@ import pytest
 from happyhorse_train.data.clip_rules import (
     Bucket,
     ClipRules,
+    aspect_sizes,
     frames_available,
     largest_4k1,
     nearest_bucket,
@@ -30,8 +31,8 @@ def test_resampling_picks_the_nearest_earlier_source_frame():
 
 
 def test_nearest_bucket_by_aspect_ratio():
-    buckets = [Bucket(121, 480, 720), Bucket(121, 720, 480)]
-    assert nearest_bucket(1920, 1080, buckets) == Bucket(121, 480, 720)
+    buckets = [Bucket(121, 480, 720), Bucket(121, 720, 480), Bucket(49, 480, 720)]
+    assert nearest_bucket(1920, 1080, buckets) == Bucket(121, 480, 720)  # the size's longest frame count
     assert nearest_bucket(1080, 1920, buckets) == Bucket(121, 720, 480)
     assert nearest_bucket(512, 512, buckets + [Bucket(121, 512, 512)]) == Bucket(121, 512, 512)
     assert nearest_bucket(640, 480, buckets, still=True) == Bucket(1, 480, 720)
@@ -47,11 +48,31 @@ def test_clip_modes():
     assert plan_clips(17, 24, 96, 64, ClipRules(mode="uniform", **rules))[2] == [0]
 
 
-def test_short_video_takes_the_largest_4k1_window_or_is_dropped():
-    rules = ClipRules(buckets=[Bucket(121, 480, 720)], min_frames=17)
-    assert plan_clips(50, 24, 720, 480, rules)[1] == 49
+def test_a_video_takes_the_longest_frame_count_of_its_size_that_it_fills_or_is_dropped():
+    rules = ClipRules(buckets=[Bucket(f, 480, 720) for f in (17, 49, 121)], min_frames=17)
+    assert plan_clips(50, 24, 720, 480, rules)[:2] == (Bucket(49, 480, 720), 49)
+    assert plan_clips(48, 24, 720, 480, rules)[1] == 17  # one frame short of 49: the next bucket down
+    assert plan_clips(500, 24, 720, 480, rules)[1] == 121
     reason = plan_clips(16, 24, 720, 480, rules)
-    assert isinstance(reason, str) and "too short" in reason and "min_frames=17" in reason
+    assert reason == ("too short: 16 frames at 24 fps give 16 frames at 24 fps, fewer than 17 (the shortest bucket "
+                      "of size 480x720)")
+
+
+def test_default_buckets_group_a_folder_of_many_lengths_and_shapes_into_a_few():
+    sizes = aspect_sizes()
+    assert (480, 720) in sizes and (720, 480) in sizes  # 3:2 and 2:3 of 720x480 are 720x480 itself
+    assert all(h % 16 == 0 and w % 16 == 0 and abs(h * w / (720 * 480) - 1) < 0.05 for h, w in sizes)
+    rules = ClipRules()
+    # (frames, fps, width, height) of a typical folder: phone, camera, screen capture, square, lengths 2-12 s
+    videos = [(117, 24, 1280, 720), (69, 24, 720, 480), (45, 30, 720, 480), (300, 60, 1920, 1080),
+              (250, 25, 1920, 1080), (130, 30, 1080, 1920), (90, 24, 1080, 1080), (96, 24, 854, 480),
+              (288, 24, 1280, 720), (61, 30, 640, 480)]
+    buckets = [str(plan_clips(*video, rules)[0]) for video in videos]
+    # Measured: 8 buckets for these 10 (5 aspect ratios); with the old defaults (121 frames or the video's own
+    # largest 4k+1, two sizes) each video was a bucket of its own.
+    assert len(set(buckets)) == 8, buckets
+    assert buckets.count("121x448x784") == 2 and buckets.count("97x448x784") == 2
+    assert plan_clips(117, 24, 1280, 720, rules)[0] == Bucket(97, 448, 784)
 
 
 @pytest.mark.parametrize(
@@ -59,8 +80,8 @@ def test_short_video_takes_the_largest_4k1_window_or_is_dropped():
     [
         (dict(mode="random"), "mode="),
         (dict(min_frames=10), "4k+1"),
-        (dict(buckets=[(120, 480, 720)]), "frames must be 4k+1"),
-        (dict(buckets=[(121, 470, 720)]), "multiples of 16"),
+        (dict(buckets=[(120, 480, 720)]), "bucket 120x480x720: frames 120 is not 4k+1"),
+        (dict(buckets=[(17, 95, 144)]), "bucket 17x95x144: height 95 is not a multiple of 16"),
         (dict(missing_caption="skip"), "missing_caption"),
     ],
 )

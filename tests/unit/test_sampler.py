@@ -200,3 +200,24 @@ def test_works_as_a_dataloader_batch_sampler():
 def test_invalid_arguments_raise_a_clear_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         BucketBatchSampler(**kwargs)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_unused_clips_counts_exactly_what_the_sampler_leaves_out(world_size):
+    from happyhorse_train.data.sampler import unused_clips
+
+    buckets = ["a"] * 7 + ["b"] * 1 + ["c"] * 4 + ["d"] * 3  # 'b' can never fill a batch of 2
+    sampler = BucketBatchSampler(buckets, batch_size=2, seed=3, world_size=1)
+    expected = unused_clips(buckets, batch_size=2, world_size=world_size)
+    assert expected.never == {"b": 1}
+    for epoch in range(3):
+        seen = []
+        for rank in range(world_size):
+            ranked = BucketBatchSampler(buckets, batch_size=2, seed=3, rank=rank, world_size=world_size)
+            ranked.set_epoch(epoch)
+            seen += [i for batch in ranked for i in batch]
+        assert len(buckets) - len(seen) == sum(expected.never.values()) + expected.per_epoch
+        assert not {i for i, bucket in enumerate(buckets) if bucket == "b"} & set(seen)
+    assert len(sampler) * 2 == len(buckets) - 1 - unused_clips(buckets, 2).per_epoch
+    line = expected.line(2, world_size)
+    assert "1 clip(s) in 1 bucket(s) smaller than a batch are never trained (b: 1;" in line
