@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 
@@ -273,3 +274,15 @@ def test_each_bad_input_is_one_line_before_any_decoding(case, message, tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "probing" not in result.stderr
+
+
+def test_default_buckets_group_real_files_of_many_lengths_rates_and_shapes(tmp_path):
+    shapes = [(20, 24, 96, 64), (24, 30, 96, 64), (40, 24, 96, 64), (41, 25, 96, 64), (60, 24, 64, 96),
+              (50, 30, 128, 72), (70, 24, 128, 72)]  # (frames, fps, width, height)
+    for i, (frames, fps, width, height) in enumerate(shapes):
+        write_video(tmp_path / f"v{i}.mp4", frames, fps, width=width, height=height)
+    rows = prepare_clips(tmp_path, ClipRules(), num_workers=2, progress=False).rows
+    # 20 frames (and 24 at 30 fps = 20 at 24) fill 17; 40 (41 at 25 fps = 40) fill 33; 16:9 takes 448x784
+    assert Counter(row["bucket"] for row in rows) == {
+        "17x480x720": 2, "33x480x720": 2, "49x720x480": 1, "33x448x784": 1, "65x448x784": 1
+    }
