@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from happyhorse_train.data.cache_fill import fill_cache
     from happyhorse_train.data.latent_cache import LatentCache
+    from happyhorse_train.data.loss_masks import fill_masks
     from happyhorse_train.data.prepare import load_manifest
     from happyhorse_train.models.backbones import spec_for_folder
     from happyhorse_train.runtime import distributed_state, resolve_dtype
@@ -52,6 +53,9 @@ def main(argv: list[str] | None = None) -> None:
 
     stats = fill_cache(manifest, cache, encoder, state.process_index, state.num_processes, args.shard_size,
                        progress=not args.no_progress)
+    for failure in fill_masks(manifest, cache, encoder.video_id, pipe.vae_scale_factor_temporal,
+                              pipe.vae_scale_factor_spatial, state.process_index, state.num_processes):
+        print(f"  failed: loss mask {failure['source']}: {failure['reason']}")
     print(
         f"rank {state.process_index}: encoded {stats.videos_encoded} clips and {stats.texts_encoded} captions "
         f"in {stats.seconds:.1f} s; {len(stats.failed)} failed"

@@ -19,6 +19,7 @@ LINE_WIDTH = 100
 BAR_WIDTH = 40
 TOP_SOURCES, MISSING_CAPTION_EXAMPLES, DROPPED_EXAMPLES = 10, 10, 5
 _COLUMNS = ["source", "num_frames", "bucket", "caption", "target_fps"]
+_OPTIONAL_COLUMNS = ["mask"]  # (a manifest written before loss masks has none)
 
 # Reasons that carry a file name or path before any ':' would otherwise give one group per file.
 _KIND_PATTERNS = [
@@ -54,7 +55,8 @@ def load_dataset_folder(folder: str | Path) -> tuple[list[dict], dict]:
         missing = [c for c in _COLUMNS if c not in manifest.column_names]
         if missing:
             raise UserInputError(f"{manifest_path} lacks the column(s) {', '.join(missing)}; run prepare_clips again")
-        rows = manifest.select_columns(_COLUMNS).to_list()
+        present = [c for c in _OPTIONAL_COLUMNS if c in manifest.column_names]
+        rows = manifest.select_columns(_COLUMNS + present).to_list()
     if report_path.is_file():
         try:
             report = json.loads(report_path.read_text(encoding="utf-8"))
@@ -225,6 +227,7 @@ def render_report(
         lines += _share_table("frames", frame_histogram(rows), len(rows), "rrrl")
         lines += _source_lines(rows)
         lines += _caption_lines(rows)
+        lines += _mask_lines(rows)
 
     dropped = report.get("dropped") or []
     groups = group_dropped(dropped)
@@ -279,6 +282,15 @@ def _caption_lines(rows: list[dict]) -> list[str]:
     if len(empty_sources) > MISSING_CAPTION_EXAMPLES:
         lines.append(f"  ... and {len(empty_sources) - MISSING_CAPTION_EXAMPLES} more source file(s)")
     return lines
+
+
+def _mask_lines(rows: list[dict]) -> list[str]:
+    """Which source files carry a loss mask (data/loss_masks.py): their clips train only where it is white."""
+    masked = list(dict.fromkeys(row["source"] for row in rows if row.get("mask")))
+    lines = _section(f"loss masks: {len(masked)} source file(s)")
+    if not masked:
+        return [*lines, "no clip has one: every clip trains everywhere"]
+    return [*lines, f"  {_name_list([file_name(s) for s in masked], MISSING_CAPTION_EXAMPLES, LINE_WIDTH - 2)}"]
 
 
 def _name_list(names: list[str], limit: int, width: int) -> str:

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from happyhorse_train.data.captions import CaptionError, CaptionIndex
 from happyhorse_train.data.clip_rules import ClipRules, nearest_bucket, plan_clips, source_frame_indices
+from happyhorse_train.data.loss_masks import find_mask, is_mask_file
 from happyhorse_train.data.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES, MediaInfo, UnreadableMedia, probe
 from happyhorse_train.errors import UserInputError
 from happyhorse_train.files import file_digest, write_atomic
@@ -127,6 +128,8 @@ def find_media(root: Path) -> tuple[list[Path], list[Dropped]]:
         if any(part.startswith(".") for part in relative.parts) or path.name in _SIDE_FILES:
             continue
         suffix = path.suffix.lower()
+        if is_mask_file(path):
+            continue  # a clip's loss mask (loss_masks.py), found through its clip
         if suffix in VIDEO_SUFFIXES or suffix in IMAGE_SUFFIXES:
             media.append(path)
         elif suffix != ".txt":
@@ -190,7 +193,7 @@ def plan_rows(result: PrepareResult, media: list[Path], names: dict[Path, str], 
             if rules.missing_caption == "drop":
                 caption_problem = "no caption (an empty sidecar .txt counts as none; or a captions.jsonl/csv entry)"
         rows, reason = clips_of_file(path, result.probes[names[path]], caption or "", rules)
-        reason = reason or caption_problem
+        reason = reason or caption_problem or attach_mask(path, rows, result.probes[names[path]])
         if reason:
             result.dropped.append(Dropped(names[path], reason))
         elif rows[0]["fingerprint"] in seen_content:
@@ -200,6 +203,27 @@ def plan_rows(result: PrepareResult, media: list[Path], names: dict[Path, str], 
             result.rows.extend(rows)
     if missing and rules.missing_caption == "empty":
         result.notes.append(f"{missing} file(s) have no caption: kept with an empty one (--missing-caption empty)")
+    masked = len({row["source"] for row in result.rows if row["mask"]})
+    if masked:
+        result.notes.append(f"{masked} file(s) have a loss mask (<name>.mask.png or .mask.mp4): trained where white")
+
+
+def attach_mask(path: Path, rows: list[dict], probed: FileProbe) -> str | None:
+    """Give `rows` their file's loss mask (or none); the reason to drop the file when its mask cannot be used."""
+    mask = find_mask(path)
+    for row in rows:
+        row["mask"], row["mask_fingerprint"] = (str(mask), file_digest(mask)) if mask else ("", "")
+    if mask is None:
+        return None
+    try:
+        info = probe(mask)
+    except UnreadableMedia as error:
+        return f"its loss mask {mask.name} does not decode: {error}"
+    if (info.width, info.height) != (probed.width, probed.height):
+        return f"its loss mask {mask.name} is {info.width}x{info.height}, the clip {probed.width}x{probed.height}"
+    if not info.is_still and info.num_frames < probed.num_frames:
+        return f"its loss mask {mask.name} has {info.num_frames} frames, the clip {probed.num_frames}"
+    return None
 
 
 def report_text(result: PrepareResult, source: Path) -> str:

@@ -99,9 +99,17 @@ def loss_weights(sigmas: torch.Tensor, scheme: str) -> torch.Tensor:
     raise ValueError(f"unknown loss weighting {scheme!r}; use one of {', '.join(LOSS_WEIGHTING)}")
 
 
-def squared_errors(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean squared error over the non-batch dims, in float32, shape (batch,)."""
-    return (prediction.float() - target.float()).square().flatten(1).mean(1)
+def squared_errors(
+    prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-sample mean squared error over the non-batch dims, in float32, shape (batch,). With a `mask`
+    (broadcast over the channels: (batch, 1, T, H, W)), the mask-weighted mean: elements where it is 0 add
+    nothing, and a sample masked out entirely has error 0."""
+    squared = (prediction.float() - target.float()).square()
+    if mask is None:
+        return squared.flatten(1).mean(1)
+    weights = mask.to(squared).expand_as(squared)
+    return (squared * weights).flatten(1).sum(1) / weights.flatten(1).sum(1).clamp_min(1e-12)
 
 
 def weighted_mean(errors: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from happyhorse_train.config import validation_on
 from happyhorse_train.data.cache_fill import fill_cache
 from happyhorse_train.data.dataset import CachedClipDataset
 from happyhorse_train.data.latent_cache import LatentCache
+from happyhorse_train.data.loss_masks import fill_masks
 from happyhorse_train.data.prepare import load_manifest
 from happyhorse_train.data.sampler import BucketBatchSampler, unused_clips
 from happyhorse_train.errors import UserInputError
@@ -128,6 +129,9 @@ def load_cached_data(cfg, accelerator, strategy, spec, compute_dtype):
     encoder = spec.clip_encoder(pipe, cfg.model.path)
     for clips in (manifest, held_out) if held_out else (manifest,):
         fill_cache(clips, cache, encoder, rank, world, progress=accelerator.is_local_main_process)
+        for failure in fill_masks(clips, cache, encoder.video_id, pipe.vae_scale_factor_temporal,
+                                  pipe.vae_scale_factor_spatial, rank, world):
+            print(f"loss mask {failure['source']}: {failure['reason']}; its clip is left out")
     accelerator.wait_for_everyone()
     cache.refresh()
     for component in pipeline_encoders(pipe):  # everything they make is cached: their GPU memory goes to training

@@ -101,7 +101,7 @@ def velocity_errors(batch, posterior, sigmas, noise, text_and_mask, ctx: StepCon
     dtype = ctx.compute_dtype
     with torch.autocast(ctx.device.type, dtype=dtype, enabled=dtype != torch.float32):
         prediction = ctx.spec.predict_velocity(ctx.model, noisy, fm.timesteps_from_sigmas(sigmas), text, mask)
-    errors = fm.squared_errors(prediction, fm.velocity_target(latents, noise))
+    errors = fm.squared_errors(prediction, fm.velocity_target(latents, noise), to_device(batch.get("loss_mask")))
     return errors, sigmas, tokens * latents.shape[0]
 
 

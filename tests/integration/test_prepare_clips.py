@@ -100,6 +100,10 @@ def bad_case(kind, root):
     if kind == "too_short":
         write_video(root / "bad.mp4", 6, 24)
         return "bad.mp4", "too short: 6 frames at 24 fps give 6 frames at 24 fps, fewer than 9 (the shortest bucket"
+    if kind == "mask_of_another_size":
+        write_video(root / "bad.mp4", 20, 24)
+        write_still(root / "bad.mask.png", 50, 50, caption=None)
+        return "bad.mp4", "its loss mask bad.mask.png is 50x50, the clip 96x64"
     if kind == "empty_caption":
         write_video(root / "bad.mp4", 20, 24, caption=" \n")
         return "bad.mp4", "no caption (an empty sidecar .txt counts as none"
@@ -115,7 +119,7 @@ def bad_case(kind, root):
 
 @pytest.mark.parametrize(
     "kind", ["zero_byte", "truncated", "text_as_mp4", "audio_only", "too_short", "unreadable_caption",
-             "missing_caption", "empty_caption"]
+             "missing_caption", "empty_caption", "mask_of_another_size"]
 )
 def test_a_bad_file_is_reported_and_every_other_clip_kept(kind, tmp_path):
     write_video(tmp_path / "good_one.mp4", 20, 24)
