@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import queue
+import threading
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import torch
-from safetensors import SafetensorError
 from tqdm import tqdm
 
-from happyhorse_train.data.clip_rules import source_frame_indices
+from happyhorse_train.data.clip_decode import decode_clips
+from happyhorse_train.data.clip_rules import clip_frame_indices
 from happyhorse_train.data.latent_cache import LatentCache, NonFiniteTensor, text_entry_key, video_entry_key
 from happyhorse_train.data.video import UnreadableMedia, load_clip
-from happyhorse_train.errors import RunHalted
 
 FAILURES_FILE = "failures-rank{rank}.json"
+_END = object()  # what the decoding thread sends after the last clip
 
 
 class ClipEncoder(Protocol):
@@ -51,10 +55,59 @@ def required_entries(manifest, encoder: ClipEncoder) -> tuple[dict[str, dict], d
 
 def clip_pixels(row: dict) -> torch.Tensor:
     """A manifest row's frames as the cache encodes them: (3, T, H, W) in [-1, 1] at its bucket size."""
-    indices = source_frame_indices(
-        row["start_frame"], row["num_frames"], row["source_fps"] or 1.0, row["target_fps"] or 1.0
-    )
-    return load_clip(Path(row["source"]), indices, row["bucket_height"], row["bucket_width"])
+    return load_clip(Path(row["source"]), clip_frame_indices(row), row["bucket_height"], row["bucket_width"])
+
+
+def prefetch(items: Iterable, depth: int = 1) -> Iterator:
+    """`items`, produced by a background thread at most `depth` items ahead (decoding overlaps encoding, and
+    memory holds at most depth + 2 items); depth 0: in the calling thread. An exception raised while producing
+    is raised here, in its place; closing this generator stops the thread."""
+    if depth < 1:
+        yield from items
+        return
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(slot) -> bool:
+        while not stop.is_set():  # never blocks for good: the consumer may be gone
+            with contextlib.suppress(queue.Full):
+                slots.put(slot, timeout=0.1)
+                return True
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+        except BaseException as error:  # raised again in the consumer
+            put((_END, error))
+        else:
+            put((_END, None))
+
+    thread = threading.Thread(target=produce, name="clip-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = slots.get()
+            if error is not None:
+                raise error
+            if item is _END:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _encode_clip(encoder: ClipEncoder, pixels: torch.Tensor | UnreadableMedia) -> dict[str, torch.Tensor]:
+    if isinstance(pixels, UnreadableMedia):
+        raise pixels
+    entry = encoder.encode_video(pixels)
+    bad = [name for name, tensor in entry.items() if not torch.isfinite(tensor).all()]
+    if bad:
+        raise NonFiniteTensor(f"the VAE gave non-finite {', '.join(bad)}")
+    return entry
 
 
 def fill_cache(
@@ -66,11 +119,14 @@ def fill_cache(
     shard_size: int = 32,
     text_batch_size: int = 16,
     progress: bool = True,
+    decode_ahead: int = 1,
 ) -> CacheRunStats:
     """Encode this rank's share of the entries missing from the cache and write them as shards.
 
-    Missing keys are sorted and dealt round-robin, so ranks never encode the same entry. A clip that fails
-    to decode or encodes to non-finite values is skipped and recorded, and the run goes on.
+    Missing keys are sorted and dealt round-robin, so ranks never encode the same entry. The share is decoded
+    file by file (`decode_clips`: one reader per file, overlapping windows share their decoded frames), by a
+    background thread `decode_ahead` clips ahead of the encoder (0: no thread). A clip that fails to decode or
+    encodes to non-finite values is skipped and recorded, and the run goes on.
     """
     started = time.perf_counter()
     videos, texts = required_entries(manifest, encoder)
@@ -82,13 +138,7 @@ def fill_cache(
 
     def flush() -> None:
         if pending:
-            try:
-                cache.write_shard(pending)
-            except (OSError, SafetensorError) as error:  # safetensors reports a failed write as its own error
-                raise RunHalted(
-                    f"could not write a cache shard in {cache.shard_dir} ({error}): is the disk full? "
-                    f"Every entry written before is intact; free space and run again to encode the rest"
-                ) from error
+            cache.write_shard(pending)
             pending.clear()
 
     bar = tqdm(
@@ -97,21 +147,19 @@ def fill_cache(
         unit="clip",
         disable=not (progress and missing_videos),
     )
-    for key in missing_videos:
-        row = videos[key]
-        try:
-            entry = encoder.encode_video(clip_pixels(row))
-            bad = [name for name, tensor in entry.items() if not torch.isfinite(tensor).all()]
-            if bad:
-                raise NonFiniteTensor(f"the VAE gave non-finite {', '.join(bad)}")
-        except (UnreadableMedia, NonFiniteTensor) as error:
-            stats.failed.append({"clip_id": row["clip_id"], "source": row["source"], "reason": str(error)})
-        else:
-            pending[key] = entry
-            stats.videos_encoded += 1
-            if len(pending) >= shard_size:
-                flush()
-        bar.update()
+    clips = decode_clips((key, videos[key]) for key in missing_videos)
+    with contextlib.closing(prefetch(clips, decode_ahead)) as decoded:
+        for key, row, pixels in decoded:
+            try:
+                entry = _encode_clip(encoder, pixels)
+            except (UnreadableMedia, NonFiniteTensor) as error:
+                stats.failed.append({"clip_id": row["clip_id"], "source": row["source"], "reason": str(error)})
+            else:
+                pending[key] = entry
+                stats.videos_encoded += 1
+                if len(pending) >= shard_size:
+                    flush()
+            bar.update()
     flush()
     bar.close()
 

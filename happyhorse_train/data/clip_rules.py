@@ -90,6 +90,13 @@ def source_frame_indices(start: int, num_frames: int, source_fps: float, target_
     return [start + math.floor(i * ratio + _EPS) for i in range(num_frames)]
 
 
+def clip_frame_indices(row: dict) -> list[int]:
+    """The source frames of a manifest row's clip."""
+    return source_frame_indices(
+        row["start_frame"], row["num_frames"], row["source_fps"] or 1.0, row["target_fps"] or 1.0
+    )
+
+
 def frames_available(source_frames: int, start: int, source_fps: float, target_fps: float) -> int:
     """How many target-fps frames fit in the source from `start` on."""
     if start >= source_frames:

@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
+from happyhorse_train.errors import RunHalted
 from happyhorse_train.files import file_digest, write_atomic
 
 INDEX_FILE = "index.json"
@@ -143,7 +144,8 @@ class LatentCache:
     # --- writing ------------------------------------------------------------------------------
 
     def write_shard(self, entries: dict[str, dict[str, torch.Tensor]]) -> str:
-        """Store entries as one new shard; every tensor must be finite. Returns the shard's file name."""
+        """Store entries as one new shard; every tensor must be finite. Returns the shard's file name; a failed
+        write (a full disk) is a RunHalted saying what is intact."""
         tensors = {}
         for key, fields in entries.items():
             for field, tensor in fields.items():
@@ -152,7 +154,13 @@ class LatentCache:
                 tensors[f"{key}/{field}"] = tensor.detach().contiguous().cpu()
         data = save(tensors, metadata={"format": "pt"})
         name = f"{SHARD_PREFIX}{hashlib.blake2b(data, digest_size=16).hexdigest()}.safetensors"
-        write_atomic(self.shard_dir / name, lambda path: path.write_bytes(data))
+        try:
+            write_atomic(self.shard_dir / name, lambda path: path.write_bytes(data))
+        except OSError as error:
+            raise RunHalted(
+                f"could not write a cache shard in {self.shard_dir} ({error}): is the disk full? "
+                f"Every entry written before is intact; free space and run again to encode the rest"
+            ) from error
         for key in entries:
             self._location[key] = name
         return name

@@ -12,7 +12,7 @@ import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from happyhorse_train.data.clip_rules import source_frame_indices
+from happyhorse_train.data.clip_rules import clip_frame_indices
 from happyhorse_train.data.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES, UnreadableMedia, load_clip
 
 if TYPE_CHECKING:
@@ -48,8 +48,7 @@ def pixel_mask(row: dict) -> torch.Tensor:
     if path.suffix.lower() in IMAGE_SUFFIXES:
         indices = [0]
     else:
-        indices = source_frame_indices(row["start_frame"], row["num_frames"], row["source_fps"] or 1.0,
-                                       row["target_fps"] or 1.0)
+        indices = clip_frame_indices(row)
     rgb = load_clip(path, indices, row["bucket_height"], row["bucket_width"])  # (3, T, H, W) in [-1, 1]
     gray = (rgb.mean(0) + 1) / 2
     return gray.expand(row["num_frames"], -1, -1) if len(indices) == 1 else gray

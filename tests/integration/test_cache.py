@@ -110,7 +110,7 @@ def test_a_clip_that_no_longer_decodes_is_skipped_and_recorded(tmp_path, encoder
     stats = fill_cache(manifest, LatentCache(tmp_path / "cache"), encoder, progress=False)
     assert stats.videos_encoded == 2
     [failure] = stats.failed
-    assert failure["source"].endswith("clip_01.mp4") and "cannot open as video" in failure["reason"]
+    assert failure["source"].endswith("clip_01.mp4") and failure["reason"].startswith("not a video: the bytes are")
     assert "clip_01.mp4" in (tmp_path / "cache" / "failures-rank0.json").read_text()
 
     dataset = CachedClipDataset(manifest, LatentCache(tmp_path / "cache"), encoder.video_id, encoder.text_id)
