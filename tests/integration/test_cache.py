@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,16 +106,18 @@ def test_a_changed_vae_invalidates_only_the_latents(tmp_path, demo_model_dir, en
 
 
 def test_a_clip_that_no_longer_decodes_is_skipped_and_recorded(tmp_path, encoder):
-    manifest = make_dataset(tmp_path / "src", tmp_path / "ds", 3)
+    manifest = make_dataset(tmp_path / "src", tmp_path / "ds", 4)
     (tmp_path / "src" / "clip_01.mp4").write_bytes(b"overwritten after prepare")
+    (tmp_path / "src" / "clip_03.mp4").unlink()
     stats = fill_cache(manifest, LatentCache(tmp_path / "cache"), encoder, progress=False)
     assert stats.videos_encoded == 2
-    [failure] = stats.failed
-    assert failure["source"].endswith("clip_01.mp4") and failure["reason"].startswith("not a video: the bytes are")
+    reasons = {Path(failure["source"]).name: failure["reason"] for failure in stats.failed}
+    assert reasons["clip_01.mp4"].startswith("not a video: the bytes are")
+    assert reasons["clip_03.mp4"] == "the file is gone (moved or deleted since prepare_clips)"
     assert "clip_01.mp4" in (tmp_path / "cache" / "failures-rank0.json").read_text()
 
     dataset = CachedClipDataset(manifest, LatentCache(tmp_path / "cache"), encoder.video_id, encoder.text_id)
-    assert len(dataset) == 2 and len(dataset.missing) == 1
+    assert len(dataset) == 2 and len(dataset.missing) == 2
 
 
 def test_dataset_batches_have_one_shape_and_padded_text(tmp_path, encoder):
