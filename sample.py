@@ -18,7 +18,7 @@ from happyhorse_train.models.backbones import get_spec
 from happyhorse_train.models.geometry import video_latent_shape
 from happyhorse_train.rendering.contact_sheet import write_lora_sheets
 from happyhorse_train.rendering.sample_pipeline import apply_loras, load_inference_pipeline
-from happyhorse_train.rendering.videos import render_prompts, save_videos
+from happyhorse_train.rendering.videos import condition_images, render_conditioned, save_videos
 from happyhorse_train.runtime import resolve_device, resolve_dtype
 
 register_configs()
@@ -39,13 +39,14 @@ def main(cfg: DictConfig) -> None:
     pipe = load_inference_pipeline(spec, cfg.model.path, device, dtype, cfg.memory, cfg.compile)
     video_latent_shape(pipe, cfg.height, cfg.width, cfg.num_frames)  # fail on a bad size before encoding anything
     apply_loras(pipe, spec, list(cfg.loras), list(cfg.lora_scales))  # each file checked: one line, not peft's
+    images = condition_images(spec, pipe.transformer, [cfg.image] if cfg.image else [], len(cfg.prompts), "image")
     base = None
     if cfg.contact_sheet:
         pipe.disable_lora()
-        base = render_prompts(pipe, list(cfg.prompts), cfg)
+        base = render_conditioned(pipe, list(cfg.prompts), cfg, images)
         pipe.enable_lora()
 
-    videos = render_prompts(pipe, list(cfg.prompts), cfg)
+    videos = render_conditioned(pipe, list(cfg.prompts), cfg, images)
     for path in save_videos(videos, list(cfg.prompts), cfg.output_dir, cfg.fps, tag=f"_seed{cfg.seed}"):
         print(f"wrote {path}")
     if base is not None:

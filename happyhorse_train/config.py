@@ -64,6 +64,7 @@ class SampleConfig:
     compile: bool = False
     contact_sheet: bool = False
     reference_dataset: Optional[str] = None
+    image: Optional[str] = None  # the first frame, for an image-to-video model
 
 
 @dataclass
@@ -150,6 +151,7 @@ class ValidationConfig:
     guidance_scale: float = "${model.sample.guidance_scale}"  # type: ignore[assignment]
     max_sequence_length: int = "${data.max_sequence_length}"  # type: ignore[assignment]
     seed: int = 0
+    images: list[str] = field(default_factory=list)  # image-to-video models: each prompt's first frame (or one)
 
 
 @dataclass

@@ -95,6 +95,18 @@ class ModelSpec(ABC):
         text conditioning prepared exactly as the backbone's pipeline prepares it at inference. `text_mask`
         (B, tokens), True for real tokens, is None when no token is padding."""
 
+    def image_conditioning(self, transformer: torch.nn.Module) -> str | None:
+        """How the model takes an image (None: text to video only); sample.py refuses image= without one."""
+        return None
+
+    def condition_on_clean(
+        self, transformer: torch.nn.Module, clean: torch.Tensor, noisy: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The training input made from the noisy latents and the clean ones, exactly as the pipeline conditions
+        at inference, and a (B, 1, T, H, W) mask of what the loss covers (None: everything). Text to video: the
+        noisy latents as they are."""
+        return noisy, None
+
     def normalize_latents(self, pipe, latents: torch.Tensor) -> torch.Tensor:
         """VAE latents -> the space the transformer denoises in (the inverse of what the pipeline decodes)."""
         return normalize_latents(pipe.vae, latents)

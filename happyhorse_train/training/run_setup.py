@@ -22,6 +22,7 @@ from happyhorse_train.memory.recompute import checkpointing_function, compile_bl
 from happyhorse_train.memory.streamed_load import base_transformer, place_transformer
 from happyhorse_train.models.backbones import get_spec
 from happyhorse_train.models.geometry import video_latent_shape
+from happyhorse_train.rendering.videos import condition_images
 from happyhorse_train.training.adapters import check_layout_names, make_trainable, trainable_parameters
 from happyhorse_train.training.checkpoint import Checkpointable, load_checkpoint, resolve_resume
 from happyhorse_train.training.distributed import (
@@ -67,6 +68,7 @@ class Run(Checkpointable):
     eval_set: EvalSet | None = None  # None: no eval loss (eval.every=0)
     run_log: RunLog | None = None  # set once the resumed step is known
     run_lock: RunLock | None = None  # the main process's lock on output_dir: this reference keeps it held
+    validation_images: list | None = None  # each validation prompt's first frame (image-to-video models)
 
 
 def set_up_run(cfg) -> Run:
@@ -87,9 +89,9 @@ def set_up_run(cfg) -> Run:
     resume_from = resolve_resume(output_dir, cfg.resume, accelerator.print)  # verified before anything loads
     compute_dtype = COMPUTE_DTYPES[cfg.trainer.mixed_precision]
     spec = get_spec(cfg.model.backbone, cfg.data.max_sequence_length)
-    pipe, dataset, held_out, empty_text = load_cached_data(cfg, accelerator, strategy, spec, compute_dtype)
+    pipe, dataset, held_out, empty_text, images = load_cached_data(cfg, accelerator, strategy, spec, compute_dtype)
     run = make_trainable_run(cfg, accelerator, strategy, spec, pipe, dataset, compute_dtype)
-    run.run_lock = run_lock
+    run.run_lock, run.validation_images = run_lock, images
     run.step_context = StepContext(
         spec, pipe, run.model, accelerator.device, compute_dtype, cfg.flow, cfg.data.caption_dropout, empty_text
     )
@@ -104,7 +106,7 @@ def set_up_run(cfg) -> Run:
 
 def load_cached_data(cfg, accelerator, strategy, spec, compute_dtype):
     """The pipeline, with every clip's latents and caption states cached; returns (pipe, the training clips, the
-    held-out clips or None, the empty caption's text states)."""
+    held-out clips or None, the empty caption's text states, the validation images or None)."""
     rank, world, log = accelerator.process_index, accelerator.num_processes, accelerator.print
     # A LoRA's frozen base loads straight in the compute dtype (an 8B float32 copy would be 32 GB of host RAM);
     # a full fine-tune keeps float32 master weights.
@@ -120,6 +122,10 @@ def load_cached_data(cfg, accelerator, strategy, spec, compute_dtype):
                                   transformer_to_device=False)
     pipe.set_progress_bar_config(disable=True)
     check_sizes(cfg, pipe, set(manifest["bucket"]) | set(held_out["bucket"] if held_out else []))
+    images = None
+    if validation_on(cfg):  # before anything is encoded: an image-to-video model needs its first frames
+        images = condition_images(spec, pipe.transformer, list(cfg.validation.images), len(cfg.validation.prompts),
+                                  "validation.images")
     cache = LatentCache(cfg.data.cache or Path(cfg.data.dataset) / "cache")
     if accelerator.is_main_process:
         for line in cache.check(cfg.data.verify_cache):
@@ -141,7 +147,7 @@ def load_cached_data(cfg, accelerator, strategy, spec, compute_dtype):
     if len(dataset) == 0:
         raise UserInputError(f"no clip of {cfg.data.dataset} could be cached; see {cache.folder}/failures-rank*.json")
     held_out = CachedClipDataset(held_out, cache, encoder.video_id, encoder.text_id) if held_out else None
-    return pipe, dataset, held_out, cache.get(dataset.empty_text_key)["text"]
+    return pipe, dataset, held_out, cache.get(dataset.empty_text_key)["text"], images
 
 
 def split_eval_clips(cfg):

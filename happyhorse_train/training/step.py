@@ -95,13 +95,16 @@ def velocity_errors(batch, posterior, sigmas, noise, text_and_mask, ctx: StepCon
     tokens = ctx.spec.num_tokens(ctx.pipe.transformer, tuple(latents.shape))
     if shifted:
         sigmas = fm.shift_sigmas(sigmas, training_shift(ctx.flow, tokens))
-    noisy = fm.noisy_latents(latents, noise, sigmas)
+    noisy, given = ctx.spec.condition_on_clean(ctx.pipe.transformer, latents, fm.noisy_latents(latents, noise, sigmas))
     # Autocast here rather than accelerate's: under DeepSpeed accelerate turns its own off, and a bf16
     # DeepSpeed model would then meet float32 inputs.
     dtype = ctx.compute_dtype
     with torch.autocast(ctx.device.type, dtype=dtype, enabled=dtype != torch.float32):
         prediction = ctx.spec.predict_velocity(ctx.model, noisy, fm.timesteps_from_sigmas(sigmas), text, mask)
-    errors = fm.squared_errors(prediction, fm.velocity_target(latents, noise), to_device(batch.get("loss_mask")))
+    loss_mask = to_device(batch.get("loss_mask"))
+    if given is not None:  # what the model is given (an image-to-video first frame) is not what it predicts
+        loss_mask = given if loss_mask is None else loss_mask * given
+    errors = fm.squared_errors(prediction, fm.velocity_target(latents, noise), loss_mask)
     return errors, sigmas, tokens * latents.shape[0]
 
 

@@ -208,7 +208,8 @@ def after_step(run: Run, interrupted: bool) -> None:
         if run.accelerator.is_main_process:
             folder = run.output_dir / "validation" / f"step-{step:08d}"
             with encoders_on_device_while_running(run.pipe, run.accelerator.device):
-                paths = render_validation(run.pipe, cfg.validation, folder, run.accelerator.autocast)
+                paths = render_validation(run.pipe, cfg.validation, folder, run.accelerator.autocast,
+                                          run.validation_images)
             run.run_log.log_videos(paths, list(cfg.validation.prompts), step)
         run.accelerator.wait_for_everyone()
 

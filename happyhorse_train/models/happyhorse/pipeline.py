@@ -1,4 +1,5 @@
-"""HappyHorsePipeline: text-to-video sampling with classifier-free guidance, the one users and validation run."""
+"""HappyHorsePipeline: text-to-video (and, for a transformer with `image_conditioning="first_frame"`,
+image-to-video) sampling with classifier-free guidance, the one users and validation run."""
 
 from __future__ import annotations
 
@@ -17,7 +18,12 @@ from happyhorse_train.errors import UserInputError
 from happyhorse_train.models.geometry import video_latent_shape
 from happyhorse_train.models.happyhorse.lora import HappyHorseLoraLoaderMixin
 from happyhorse_train.models.happyhorse.transformer import HappyHorseTransformer3DModel
-from happyhorse_train.models.latent_space import denormalize_latents
+from happyhorse_train.models.latent_space import denormalize_latents, normalize_latents
+
+
+def with_first_frame(latents: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """(B, C, T, H, W) latents whose first latent frame is `first` (B or 1, C, 1, H, W): the image condition."""
+    return torch.cat([first.expand(latents.shape[0], -1, -1, -1, -1).to(latents.dtype), latents[:, :, 1:]], dim=2)
 
 
 @dataclass
@@ -71,6 +77,23 @@ class HappyHorsePipeline(DiffusionPipeline, HappyHorseLoraLoaderMixin):
         states = states * mask.unsqueeze(-1).to(states.dtype)  # padded positions carry nothing
         return states.to(self.transformer.dtype), mask
 
+    def encode_image(self, image, height: int, width: int, device: torch.device) -> torch.Tensor:
+        """The condition image (PIL, or an array diffusers' image processor takes) as a normalized (1, C, 1, h, w)
+        latent: resized to cover height x width and centre-cropped, then encoded as a one-frame video."""
+        pixels = self.video_processor.preprocess(image, height=height, width=width, resize_mode="crop")
+        video = pixels[:, :, None].to(device=device, dtype=self.vae.dtype)
+        latent = self.vae.encode(video).latent_dist.mode()
+        return normalize_latents(self.vae, latent.float())
+
+    def _check_image(self, image) -> None:
+        conditioning = self.transformer.config.get("image_conditioning")
+        if conditioning is None and image is not None:
+            raise UserInputError("image= given, but this is a text-to-video model (its transformer has no "
+                                 "image_conditioning): leave image out, or load an image-to-video model")
+        if conditioning is not None and image is None:
+            raise UserInputError(f"this is an image-to-video model (image_conditioning={conditioning!r}): give "
+                                 "image= (the first frame)")
+
     # --- latents <-> pixels ---------------------------------------------------------------------
 
     @torch.no_grad()
@@ -96,11 +119,13 @@ class HappyHorsePipeline(DiffusionPipeline, HappyHorseLoraLoaderMixin):
         output_type: str = "np",
         return_dict: bool = True,
         max_sequence_length: int = 512,
+        image=None,
     ) -> HappyHorsePipelineOutput | tuple:
         if output_type not in ("np", "pt", "pil", "latent"):
             raise UserInputError(f"output_type={output_type!r}; use one of np, pt, pil, latent")
         if num_inference_steps < 1:
             raise UserInputError(f"num_inference_steps={num_inference_steps}; it must be at least 1")
+        self._check_image(image)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if negative_prompt is None or isinstance(negative_prompt, str):
             negatives = [negative_prompt or ""] * len(prompts)
@@ -123,6 +148,9 @@ class HappyHorsePipeline(DiffusionPipeline, HappyHorseLoraLoaderMixin):
             shape = (len(prompts), *latent_shape)
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         latents = latents.to(device=device, dtype=torch.float32)
+        first = None if image is None else self.encode_image(image, height, width, device)
+        if first is not None:  # the image stands as the clean first frame throughout, as in training
+            latents = with_first_frame(latents, first)
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         with self.progress_bar(total=num_inference_steps) as progress:
@@ -139,6 +167,8 @@ class HappyHorsePipeline(DiffusionPipeline, HappyHorseLoraLoaderMixin):
                     conditional, unconditional = velocity.chunk(2)
                     velocity = unconditional + guidance_scale * (conditional - unconditional)
                 latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+                if first is not None:
+                    latents = with_first_frame(latents, first)
                 progress.update()
 
         if output_type == "latent":

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import torch
+
 from happyhorse_train.models.happyhorse.clip_encoder import HappyHorseClipEncoder
-from happyhorse_train.models.happyhorse.pipeline import HappyHorsePipeline
+from happyhorse_train.models.happyhorse.pipeline import HappyHorsePipeline, with_first_frame
 from happyhorse_train.models.happyhorse.transformer import HappyHorseTransformer3DModel
 from happyhorse_train.models.spec import ModelSpec
 
@@ -24,6 +26,18 @@ class HappyHorseSpec(ModelSpec):
             return []
         dead = ("attn.to_q", "attn.to_gate", "attn.to_out", "ff.gate_proj", "ff.up_proj", "ff.down_proj")
         return [f"blocks.{last}.text.{name}" for name in dead]
+
+    def image_conditioning(self, transformer):
+        return transformer.config.get("image_conditioning")
+
+    def condition_on_clean(self, transformer, clean, noisy):
+        if self.image_conditioning(transformer) != "first_frame":
+            return noisy, None
+        # The clip's own first latent frame is the condition (a causal VAE encodes pixel frame 0 alone there, as
+        # the pipeline encodes the image); the loss leaves that frame out, since it is given, not predicted.
+        mask = torch.ones_like(noisy[:, :1])
+        mask[:, :, 0] = 0
+        return with_first_frame(noisy, clean[:, :, :1]), mask
 
     def clip_encoder(self, pipe, path):
         return HappyHorseClipEncoder(pipe, path, self.max_sequence_length)

@@ -168,6 +168,11 @@ class HappyHorseBlock(nn.Module):
         return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
 
 
+# None: text to video. "first_frame": image to video, the image's clean latent given as the first latent frame
+# (the way Wan 2.2 TI2V conditions), the sample's timestep shared by all frames (the modulation is per sample).
+IMAGE_CONDITIONING = (None, "first_frame")
+
+
 class HappyHorseTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     """Predicts the flow-matching velocity (noise - clean) for video latents given text states and a timestep.
 
@@ -198,8 +203,11 @@ class HappyHorseTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         rope_axes_dim: tuple[int, int, int] = (32, 48, 48),
         rope_theta: float = 10000.0,
         norm_eps: float = 1e-6,
+        image_conditioning: str | None = None,
     ):
         super().__init__()
+        if image_conditioning not in IMAGE_CONDITIONING:
+            raise ValueError(f"image_conditioning={image_conditioning!r}: use one of {IMAGE_CONDITIONING}")
         if 2 * sandwich_layers > num_layers:
             raise ValueError(f"sandwich_layers={sandwich_layers} needs at least {2 * sandwich_layers} layers")
         if sum(rope_axes_dim) != attention_head_dim or any(d % 2 for d in rope_axes_dim):
