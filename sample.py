@@ -39,7 +39,8 @@ def main(cfg: DictConfig) -> None:
     pipe = load_inference_pipeline(spec, cfg.model.path, device, dtype, cfg.memory, cfg.compile)
     video_latent_shape(pipe, cfg.height, cfg.width, cfg.num_frames)  # fail on a bad size before encoding anything
     apply_loras(pipe, spec, list(cfg.loras), list(cfg.lora_scales))  # each file checked: one line, not peft's
-    images = condition_images(spec, pipe.transformer, [cfg.image] if cfg.image else [], len(cfg.prompts), "image")
+    paths = [cfg.image] if isinstance(cfg.image, str) else list(cfg.image or [])
+    images = condition_images(spec, pipe.transformer, paths, len(cfg.prompts), "image")
     base = None
     if cfg.contact_sheet:
         pipe.disable_lora()

@@ -64,7 +64,7 @@ class SampleConfig:
     compile: bool = False
     contact_sheet: bool = False
     reference_dataset: Optional[str] = None
-    image: Optional[str] = None  # the first frame, for an image-to-video model
+    image: Any = None  # an image-to-video model's first frame: a path, or a list of one path per prompt
 
 
 @dataclass

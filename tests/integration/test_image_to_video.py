@@ -28,7 +28,13 @@ def i2v_preset() -> dict:
 
 @pytest.fixture(scope="module")
 def i2v_model(tmp_path_factory):
-    return write_random_model(tmp_path_factory.mktemp("i2v") / "model", i2v_preset(), seed=0)
+    from diffusers import AutoencoderKLWan
+
+    from happyhorse_train.demo.autoencoder import TRAINED_VAE
+
+    # The demo's trained VAE, so that a decoded first frame looks like the image it came from.
+    vae = AutoencoderKLWan.from_pretrained(TRAINED_VAE)
+    return write_random_model(tmp_path_factory.mktemp("i2v") / "model", i2v_preset(), seed=0, vae=vae)
 
 
 def test_training_gives_the_clean_first_frame_and_leaves_it_out_of_the_loss():
@@ -88,9 +94,18 @@ def test_train_and_sample_an_image_to_video_model_end_to_end(i2v_model, demo_mod
         in text_validation.stderr and "encoding clips" not in text_validation.stderr
 
     common = ["height=32", "width=64", "num_frames=5", "num_inference_steps=2", f"output_dir={tmp_path / 's'}"]
-    sampled = run_script("sample.py", f"model.path={i2v_model}", f"image={image}", f"loras=[{out / 'lora'}]", *common)
+    other = tmp_path / "other.png"
+    Image.fromarray(np.full((32, 64, 3), 30, dtype=np.uint8)).save(other)
+    sampled = run_script("sample.py", f"model.path={i2v_model}", f"image=[{image},{other}]", f"loras=[{out / 'lora'}]",
+                         "prompts=[a horse,a dog]", *common)  # one first frame per prompt
     assert sampled.returncode == 0, sampled.stderr[-3000:]
-    assert len(list((tmp_path / "s").glob("*.mp4"))) == 1
+    videos = sorted((tmp_path / "s").glob("*.mp4"))
+    assert len(videos) == 2
+    import decord
+
+    first = {video.stem.split("_")[2]: decord.VideoReader(str(video))[0].asnumpy().mean() for video in videos}
+    # Each video opens on its own image: measured 169 for the horse (image 200), 26 for the dog (image 30).
+    assert first["horse"] > first["dog"] + 50
 
     no_image = run_script("sample.py", f"model.path={i2v_model}", *common)
     assert no_image.returncode == 2 and "this model is image-to-video (first_frame): give image=PATH" in no_image.stderr
