@@ -80,11 +80,6 @@ class ClipRules:
                 raise ValueError(f"bucket {b}: {', '.join(wrong)}")
 
 
-def largest_4k1(n: int) -> int:
-    """The largest frame count of the form 4k+1 that is <= n (0 when n < 1)."""
-    return (n - 1) // 4 * 4 + 1 if n >= 1 else 0
-
-
 def source_frame_indices(start: int, num_frames: int, source_fps: float, target_fps: float) -> list[int]:
     ratio = source_fps / target_fps
     return [start + math.floor(i * ratio + _EPS) for i in range(num_frames)]

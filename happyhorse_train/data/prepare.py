@@ -161,10 +161,12 @@ def prepare_clips(
             f"{', '.join(sorted(IMAGE_SUFFIXES))}; {len(ignored)} other file(s))"
         )
     result = PrepareResult(dropped=ignored, files_seen=len(media) + len(ignored))
-    names = {path: path.relative_to(source).as_posix() for path in media}
+    masks = {path: find_mask(path) for path in media}
+    files = media + [mask for mask in masks.values() if mask]  # loss masks are probed like their clips
+    names = {path: path.relative_to(source).as_posix() for path in files}
     known = known or {}
-    result.probes = {names[p]: known[names[p]] for p in media if names[p] in known and known[names[p]].matches(p)}
-    to_probe = [path for path in media if names[path] not in result.probes]
+    result.probes = {names[p]: known[names[p]] for p in files if names[p] in known and known[names[p]].matches(p)}
+    to_probe = [path for path in files if names[path] not in result.probes]
     result.files_probed = len(to_probe)
     workers = min(num_workers or min(8, os.cpu_count() or 1), max(1, len(to_probe)))
     # spawn, not fork: a forked copy of a process that has started threads (torch, tqdm) can deadlock.
@@ -172,18 +174,19 @@ def prepare_clips(
         futures = {pool.submit(probe_file, path): path for path in to_probe}
         for future in tqdm(as_completed(futures), total=len(futures), desc="probing files", disable=not progress):
             result.probes[names[futures[future]]] = future.result()
-    plan_rows(result, media, names, CaptionIndex(source), rules)
+    plan_rows(result, masks, names, CaptionIndex(source), rules)
     return result
 
 
-def plan_rows(result: PrepareResult, media: list[Path], names: dict[Path, str], captions: CaptionIndex,
-              rules: ClipRules) -> None:
-    """Every probed file's clips or drop reason into `result`, in sorted file order (not the order workers
-    finished in). A file that does not decode is reported as such before a missing caption."""
+def plan_rows(result: PrepareResult, masks: dict[Path, Path | None], names: dict[Path, str],
+              captions: CaptionIndex, rules: ClipRules) -> None:
+    """Every probed media file's clips or drop reason into `result`, in sorted file order (not the order workers
+    finished in); `masks` maps each media file to its loss mask or None. A file that does not decode is reported
+    as such before a missing caption."""
     result.notes += [f"{name}: {reason}" for name, reason in captions.problems]
     seen_content: dict[str, str] = {}
     missing = 0
-    for path in media:
+    for path, mask in masks.items():
         try:
             caption, caption_problem = captions.caption_for(path), None
         except CaptionError as error:
@@ -193,7 +196,8 @@ def plan_rows(result: PrepareResult, media: list[Path], names: dict[Path, str], 
             if rules.missing_caption == "drop":
                 caption_problem = "no caption (an empty sidecar .txt counts as none; or a captions.jsonl/csv entry)"
         rows, reason = clips_of_file(path, result.probes[names[path]], caption or "", rules)
-        reason = reason or caption_problem or attach_mask(path, rows, result.probes[names[path]])
+        mask_probe = result.probes[names[mask]] if mask else None
+        reason = reason or caption_problem or attach_mask(mask, mask_probe, rows, result.probes[names[path]])
         if reason:
             result.dropped.append(Dropped(names[path], reason))
         elif rows[0]["fingerprint"] in seen_content:
@@ -208,21 +212,19 @@ def plan_rows(result: PrepareResult, media: list[Path], names: dict[Path, str], 
         result.notes.append(f"{masked} file(s) have a loss mask (<name>.mask.png or .mask.mp4): trained where white")
 
 
-def attach_mask(path: Path, rows: list[dict], probed: FileProbe) -> str | None:
+def attach_mask(mask: Path | None, mask_probe: FileProbe | None, rows: list[dict], probed: FileProbe) -> str | None:
     """Give `rows` their file's loss mask (or none); the reason to drop the file when its mask cannot be used."""
-    mask = find_mask(path)
     for row in rows:
-        row["mask"], row["mask_fingerprint"] = (str(mask), file_digest(mask)) if mask else ("", "")
+        row["mask"], row["mask_fingerprint"] = (str(mask), mask_probe.fingerprint) if mask else ("", "")
     if mask is None:
         return None
-    try:
-        info = probe(mask)
-    except UnreadableMedia as error:
-        return f"its loss mask {mask.name} does not decode: {error}"
-    if (info.width, info.height) != (probed.width, probed.height):
-        return f"its loss mask {mask.name} is {info.width}x{info.height}, the clip {probed.width}x{probed.height}"
-    if not info.is_still and info.num_frames < probed.num_frames:
-        return f"its loss mask {mask.name} has {info.num_frames} frames, the clip {probed.num_frames}"
+    if mask_probe.reason:
+        return f"its loss mask {mask.name} does not decode: {mask_probe.reason}"
+    if (mask_probe.width, mask_probe.height) != (probed.width, probed.height):
+        return (f"its loss mask {mask.name} is {mask_probe.width}x{mask_probe.height}, the clip "
+                f"{probed.width}x{probed.height}")
+    if mask_probe.fps and mask_probe.num_frames < probed.num_frames:  # (a still mask holds for every frame)
+        return f"its loss mask {mask.name} has {mask_probe.num_frames} frames, the clip {probed.num_frames}"
     return None
 
 

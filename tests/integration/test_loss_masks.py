@@ -49,6 +49,9 @@ def test_prepare_finds_the_masks_and_inspect_names_them(masked_dataset):
     rows = load_manifest(dataset).to_list()
     assert sum(bool(row["mask"]) for row in rows) == 3 and all(row["mask_fingerprint"] for row in rows if row["mask"])
     assert "3 file(s) have a loss mask" in "\n".join(result.notes)
+    assert len(result.probes) == 4 + 3 and result.files_probed == 7  # the masks are probed like their clips
+    again = prepare_clips(dataset.parent / "clips", RULES, num_workers=1, progress=False, known=result.probes)
+    assert again.files_probed == 0 and again.rows == result.rows  # and a re-run decodes none of them again
     run = run_script("data_tools/inspect_dataset.py", str(dataset), "--plot", str(dataset / "p.png"))
     assert run.returncode == 0, run.stderr
     assert "loss masks: 3 source file(s)" in run.stdout

@@ -7,15 +7,10 @@ from happyhorse_train.data.clip_rules import (
     ClipRules,
     aspect_sizes,
     frames_available,
-    largest_4k1,
     nearest_bucket,
     plan_clips,
     source_frame_indices,
 )
-
-
-def test_largest_4k1():
-    assert [largest_4k1(n) for n in (0, 1, 4, 5, 8, 9, 121, 124, 125)] == [0, 1, 1, 5, 5, 9, 121, 121, 125]
 
 
 def test_resampling_picks_the_nearest_earlier_source_frame():
