@@ -31,6 +31,9 @@ class ModelConfig:
     text_encoder: dict[str, Any] = field(default_factory=dict)
     tokenizer: dict[str, Any] = field(default_factory=dict)
     scheduler: dict[str, Any] = field(default_factory=dict)
+    image_encoder: dict[str, Any] = field(default_factory=dict)  # CLIP vision encoder (Wan 2.1 image to video)
+    image_processor: dict[str, Any] = field(default_factory=dict)
+    pipeline: dict[str, Any] = field(default_factory=dict)  # the pipeline's own config (Wan's expand_timesteps)
     sample: SampleDefaults = field(default_factory=SampleDefaults)
 
 

@@ -10,8 +10,10 @@ from happyhorse_train.data.loss_masks import mask_entry_key
 
 
 class CachedClipDataset(Dataset):
-    """Items: {"latent_mean", "latent_std": (C, T', H', W'), "text_states": (tokens, dim), "clip_id", "bucket"},
-    and "loss_mask": (1, T', H', W') for a clip with one (data/loss_masks.py).
+    """Items: {"latent_mean", "latent_std": (C, T', H', W'), "text_states": (tokens, dim), "clip_id", "bucket",
+    "condition": the other fields the clip encoder stored with the latents (an image-to-video model's image
+    latents and embeddings; none for text to video)}, and "loss_mask": (1, T', H', W') for a clip with one
+    (data/loss_masks.py).
 
     Only clips whose latents, caption and mask (if it has one) are all cached are served; `missing` lists the
     clip ids left out, so the trainer can say how many (a clip that failed to decode, or a cache not yet filled).
@@ -42,11 +44,12 @@ class CachedClipDataset(Dataset):
         row = self.rows[index]
         latents = self.cache.get(row["video_key"])
         item = {
-            "latent_mean": latents["mean"],
-            "latent_std": latents["std"],
+            "latent_mean": latents.pop("mean"),
+            "latent_std": latents.pop("std"),
             "text_states": self.cache.get(row["text_key"])["text"],
             "clip_id": row["clip_id"],
             "bucket": row["bucket"],
+            "condition": latents,
         }
         if row["mask_key"]:
             item["loss_mask"] = self.cache.get(row["mask_key"])["mask"]
@@ -54,8 +57,8 @@ class CachedClipDataset(Dataset):
 
 
 def collate_clips(items: list[dict]) -> dict:
-    """Stack latents (one shape per batch) and right-pad text states, with a mask of real tokens; with a loss
-    mask when any clip has one (all ones for the clips without)."""
+    """Stack latents and conditioning (one shape per batch) and right-pad text states, with a mask of real
+    tokens; with a loss mask when any clip has one (all ones for the clips without)."""
     text, mask = pad_text_states([item["text_states"] for item in items])
     batch = {
         "latent_mean": torch.stack([item["latent_mean"] for item in items]),
@@ -63,6 +66,7 @@ def collate_clips(items: list[dict]) -> dict:
         "text_states": text,
         "text_mask": mask,
         "clip_ids": [item["clip_id"] for item in items],
+        "condition": {name: torch.stack([item["condition"][name] for item in items]) for name in items[0]["condition"]},
     }
     if any("loss_mask" in item for item in items):
         ones = torch.ones_like(items[0]["latent_mean"][:1])

@@ -81,7 +81,22 @@ def build_random_pipeline(preset: dict | str, seed: int = 0, vae: AutoencoderKLW
         text_encoder=UMT5EncoderModel(text_config).eval(),
         tokenizer=tokenizer,
         scheduler=FlowMatchEulerDiscreteScheduler(**preset["scheduler"]),
+        **_image_encoder(preset),
+        **preset.get("pipeline", {}),
     )
+
+
+def _image_encoder(preset: dict) -> dict:
+    """A random CLIP vision encoder and its image processor, for a preset that names one (Wan 2.1 I2V)."""
+    if not preset.get("image_encoder"):
+        return {}
+    import transformers
+
+    # Without torchvision, transformers falls back to the PIL processor anyway, with a warning each time.
+    processor = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
+    config = transformers.CLIPVisionConfig(**preset["image_encoder"])
+    return {"image_encoder": transformers.CLIPVisionModel(config).eval(),
+            "image_processor": processor(**preset.get("image_processor", {}))}
 
 
 def write_random_model(out_dir: str | Path, preset: dict | str = "tiny", seed: int = 0,

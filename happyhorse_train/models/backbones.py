@@ -8,9 +8,10 @@ from pathlib import Path
 from happyhorse_train.errors import UserInputError
 from happyhorse_train.models.happyhorse.spec import HappyHorseSpec
 from happyhorse_train.models.spec import ModelSpec
-from happyhorse_train.models.wan import WanSpec
+from happyhorse_train.models.wan.image_to_video import WanImageSpec
+from happyhorse_train.models.wan.text_to_video import WanSpec
 
-BACKBONES: dict[str, type[ModelSpec]] = {"happyhorse": HappyHorseSpec, "wan": WanSpec}
+BACKBONES: dict[str, type[ModelSpec]] = {"happyhorse": HappyHorseSpec, "wan": WanSpec, "wan-i2v": WanImageSpec}
 
 
 def get_spec(backbone: str, max_sequence_length: int = 512) -> ModelSpec:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import save_file
@@ -30,11 +31,27 @@ from happyhorse_train.models.lora_formats import (
 )
 
 
+class Conditioned(NamedTuple):
+    """A training input as the pipeline builds it at inference (`ModelSpec.condition_on_clean`)."""
+
+    latents: torch.Tensor  # what the transformer is given as its hidden states
+    loss_mask: torch.Tensor | None  # (B, 1, T, H, W): where the loss counts (None: everywhere)
+    inputs: dict  # further keyword arguments of the backbone's predict_velocity (image embeddings, ...)
+
+
+def first_frame_loss_mask(latents: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, H, W): ones, less latent frame 0, which an image-to-video model is given, not asked for."""
+    mask = torch.ones_like(latents[:, :1])
+    mask[:, :, 0] = 0
+    return mask
+
+
 class ModelSpec(ABC):
     name: str
     pipeline_class: type  # a diffusers DiffusionPipeline subclass; its `transformer` is what trains
     transformer_class: type  # the pipeline's transformer class (to build random checkpoints of a preset)
     components: tuple[str, ...] = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+    float32_components: tuple[str, ...] = ("vae",)  # loaded in float32 whatever the compute dtype
     # Module-name suffixes (peft `target_modules`) a LoRA adapts when the config names none, less the modules
     # `unreachable_modules` names (training/adapters.py lora_target_modules puts the two together).
     default_lora_targets: list[str]
@@ -61,7 +78,7 @@ class ModelSpec(ABC):
         self, path: str | Path, device: torch.device, dtype: torch.dtype, transformer: torch.nn.Module | None = None,
         transformer_to_device: bool = True,
     ):
-        """The inference pipeline users run, from a diffusers-layout folder; the VAE stays float32.
+        """The inference pipeline users run, from a diffusers-layout folder; `float32_components` stay float32.
 
         A given `transformer` replaces the folder's (memory/streamed_load.py's quantized one, or a weightless
         meta-device model for the caller to fill later). With `transformer_to_device=False` the transformer
@@ -70,7 +87,8 @@ class ModelSpec(ABC):
         """
         folder = check_model_folder(path, self.pipeline_class.__name__, self.components)
         components = {} if transformer is None else {"transformer": transformer}
-        pipe = self.pipeline_class.from_pretrained(folder, dtype={"default": dtype, "vae": torch.float32}, **components)
+        dtypes = {"default": dtype, **dict.fromkeys(self.float32_components, torch.float32)}
+        pipe = self.pipeline_class.from_pretrained(folder, dtype=dtypes, **components)
         if transformer_to_device:
             return pipe.to(device)
         for name, component in pipe.components.items():
@@ -90,22 +108,24 @@ class ModelSpec(ABC):
         timesteps: torch.Tensor,
         text_states: torch.Tensor,
         text_mask: torch.Tensor | None,
+        **inputs: torch.Tensor,
     ) -> torch.Tensor:
         """One training forward: the flow-matching velocity for normalized (B, C, T, H, W) latents, with the
         text conditioning prepared exactly as the backbone's pipeline prepares it at inference. `text_mask`
-        (B, tokens), True for real tokens, is None when no token is padding."""
+        (B, tokens), True for real tokens, is None when no token is padding; `inputs` are the ones
+        `condition_on_clean` returned."""
 
     def image_conditioning(self, transformer: torch.nn.Module) -> str | None:
         """How the model takes an image (None: text to video only); sample.py refuses image= without one."""
         return None
 
     def condition_on_clean(
-        self, transformer: torch.nn.Module, clean: torch.Tensor, noisy: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The training input made from the noisy latents and the clean ones, exactly as the pipeline conditions
-        at inference, and a (B, 1, T, H, W) mask of what the loss covers (None: everything). Text to video: the
-        noisy latents as they are."""
-        return noisy, None
+        self, transformer: torch.nn.Module, clean: torch.Tensor, noisy: torch.Tensor, cached: dict
+    ) -> Conditioned:
+        """The training input made from the noisy latents, the clean ones and the clip's cached conditioning
+        (`cached`: the fields its clip encoder stored beside the latents, batched, on the device), exactly as
+        the pipeline conditions at inference. Text to video: the noisy latents as they are."""
+        return Conditioned(noisy, None, {})
 
     def normalize_latents(self, pipe, latents: torch.Tensor) -> torch.Tensor:
         """VAE latents -> the space the transformer denoises in (the inverse of what the pipeline decodes)."""

@@ -41,7 +41,10 @@ def test_training_gives_the_clean_first_frame_and_leaves_it_out_of_the_loss():
     spec, transformer = get_spec("happyhorse"), build_random_pipeline(i2v_preset(), 0).transformer
     generator = torch.Generator().manual_seed(0)
     clean, noise = (torch.randn(2, 16, 3, 4, 6, generator=generator) for _ in range(2))
-    noisy, given = spec.condition_on_clean(transformer, clean, fm.noisy_latents(clean, noise, torch.tensor([0.3, 0.8])))
+    noisy, given, inputs = spec.condition_on_clean(
+        transformer, clean, fm.noisy_latents(clean, noise, torch.tensor([0.3, 0.8])), {}
+    )
+    assert inputs == {}
     assert torch.equal(noisy[:, :, 0], clean[:, :, 0]) and not torch.equal(noisy[:, :, 1], clean[:, :, 1])
     exact = fm.velocity_target(clean, noise)
     assert fm.squared_errors(exact, exact, given).eq(0).all()  # the oracle's loss
@@ -53,7 +56,7 @@ def test_training_gives_the_clean_first_frame_and_leaves_it_out_of_the_loss():
     assert fm.squared_errors(wrong_second, exact, given).gt(0).all()
 
     text_only = build_random_pipeline("tiny", 0).transformer
-    assert spec.condition_on_clean(text_only, clean, noise) == (noise, None)
+    assert spec.condition_on_clean(text_only, clean, noise, {}) == (noise, None, {})
 
 
 def test_the_pipeline_driven_by_the_exact_velocity_returns_the_clip_with_the_image_as_first_frame():

@@ -10,8 +10,11 @@ from happyhorse_train.models.presets import CONFIG_DIR
 
 PRESETS = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
 # Published transformer sizes, in billions of parameters, with the tolerance each is known to.
+# Wan 2.1 I2V 14B counts 16.4 B: the 14B text-to-video transformer plus 2.1 B of image cross-attention (k_img, v_img)
+# and the image embedder, which its name leaves out.
 EXPECTED_BILLIONS = {
-    "8b": (8.0, 0.5), "wan2.1-1.3b": (1.42, 0.1), "wan2.1-14b": (14.3, 0.5), "wan2.2-ti2v-5b": (5.0, 0.3)
+    "8b": (8.0, 0.5), "8b-i2v": (8.0, 0.5), "wan2.1-1.3b": (1.42, 0.1), "wan2.1-14b": (14.3, 0.5),
+    "wan2.1-i2v-14b": (16.4, 0.1), "wan2.2-ti2v-5b": (5.0, 0.3), "wan2.2-ti2v-5b-i2v": (5.0, 0.3),
 }
 
 

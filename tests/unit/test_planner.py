@@ -199,7 +199,7 @@ def test_cli_says_why_nothing_fits(capsys):
 @pytest.mark.parametrize(
     "preset, size, message",
     [
-        ("nope", "720x480x121", r"^error: no model preset 'nope'; known presets: 8b, tiny, wan-tiny"),
+        ("nope", "720x480x121", r"^error: no model preset 'nope'; known presets: 8b, 8b-i2v, tiny, wan-tiny"),
         ("8b", "720x480", r"^error: size '720x480' is not WIDTHxHEIGHTxFRAMES"),
         ("8b", "720x481x121", r"^error: height=481 does not fit the model: it must be a multiple of 16"),
         ("8b", "720x480x120", r"^error: num_frames=120 is not of the form 4k\+1"),

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import torch
-
 from happyhorse_train.models.happyhorse.clip_encoder import HappyHorseClipEncoder
 from happyhorse_train.models.happyhorse.pipeline import HappyHorsePipeline, with_first_frame
 from happyhorse_train.models.happyhorse.transformer import HappyHorseTransformer3DModel
-from happyhorse_train.models.spec import ModelSpec
+from happyhorse_train.models.spec import Conditioned, ModelSpec, first_frame_loss_mask
 
 
 class HappyHorseSpec(ModelSpec):
@@ -30,14 +28,12 @@ class HappyHorseSpec(ModelSpec):
     def image_conditioning(self, transformer):
         return transformer.config.get("image_conditioning")
 
-    def condition_on_clean(self, transformer, clean, noisy):
+    def condition_on_clean(self, transformer, clean, noisy, cached):
         if self.image_conditioning(transformer) != "first_frame":
-            return noisy, None
+            return Conditioned(noisy, None, {})
         # The clip's own first latent frame is the condition (a causal VAE encodes pixel frame 0 alone there, as
         # the pipeline encodes the image); the loss leaves that frame out, since it is given, not predicted.
-        mask = torch.ones_like(noisy[:, :1])
-        mask[:, :, 0] = 0
-        return with_first_frame(noisy, clean[:, :, :1]), mask
+        return Conditioned(with_first_frame(noisy, clean[:, :, :1]), first_frame_loss_mask(noisy), {})
 
     def clip_encoder(self, pipe, path):
         return HappyHorseClipEncoder(pipe, path, self.max_sequence_length)

@@ -1,4 +1,4 @@
-"""diffusers' Wan 2.1 / 2.2 text-to-video family behind the generic boundary.
+"""diffusers' Wan 2.1 / 2.2 text-to-video models behind the generic boundary.
 
 The classes are diffusers' own (WanTransformer3DModel, AutoencoderKLWan, UMT5, WanPipeline), so a LoRA
 trained here is checked by an outside client: diffusers' `WanPipeline.load_lora_weights`.
@@ -61,12 +61,12 @@ class WanSpec(ModelSpec):
     def clip_encoder(self, pipe, path):
         return WanClipEncoder(pipe, path, self.max_sequence_length)
 
-    def predict_velocity(self, transformer, noisy_latents, timesteps, text_states, text_mask):
+    def predict_velocity(self, transformer, noisy_latents, timesteps, text_states, text_mask, **image):
         # WanPipeline feeds prompts zero-padded to max_sequence_length with no mask, and cross-attention
         # does attend to the zero rows: training must see exactly that, or inference drifts from it.
         text = text_states if text_mask is None else text_states * text_mask.unsqueeze(-1).to(text_states.dtype)
         text = text[:, : self.max_sequence_length]
         text = F.pad(text, (0, 0, 0, self.max_sequence_length - text.shape[1]))
         return transformer(
-            hidden_states=noisy_latents, timestep=timesteps, encoder_hidden_states=text, return_dict=False
+            hidden_states=noisy_latents, timestep=timesteps, encoder_hidden_states=text, return_dict=False, **image
         )[0]
