@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from happyhorse_train.data.clip_decode import decode_clips
 from happyhorse_train.data.clip_rules import clip_frame_indices
+from happyhorse_train.data.first_frames import first_frame_pixels
 from happyhorse_train.data.latent_cache import LatentCache, NonFiniteTensor, text_entry_key, video_entry_key
 from happyhorse_train.data.video import UnreadableMedia, load_clip
 
@@ -28,7 +29,7 @@ class ClipEncoder(Protocol):
     video_id: str
     text_id: str
 
-    def encode_video(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]: ...
+    def encode_video(self, pixels: torch.Tensor, first_frame: torch.Tensor | None) -> dict[str, torch.Tensor]: ...
 
     def encode_texts(self, captions: list[str]) -> list[dict[str, torch.Tensor]]: ...
 
@@ -100,10 +101,10 @@ def prefetch(items: Iterable, depth: int = 1) -> Iterator:
         thread.join()
 
 
-def _encode_clip(encoder: ClipEncoder, pixels: torch.Tensor | UnreadableMedia) -> dict[str, torch.Tensor]:
+def _encode_clip(encoder: ClipEncoder, row: dict, pixels: torch.Tensor | UnreadableMedia) -> dict[str, torch.Tensor]:
     if isinstance(pixels, UnreadableMedia):
         raise pixels
-    entry = encoder.encode_video(pixels)
+    entry = encoder.encode_video(pixels, first_frame_pixels(row))
     bad = [name for name, tensor in entry.items() if not torch.isfinite(tensor).all()]
     if bad:
         raise NonFiniteTensor(f"the VAE gave non-finite {', '.join(bad)}")
@@ -151,7 +152,7 @@ def fill_cache(
     with contextlib.closing(prefetch(clips, decode_ahead)) as decoded:
         for key, row, pixels in decoded:
             try:
-                entry = _encode_clip(encoder, pixels)
+                entry = _encode_clip(encoder, row, pixels)
             except (UnreadableMedia, NonFiniteTensor) as error:
                 stats.failed.append({"clip_id": row["clip_id"], "source": row["source"], "reason": str(error)})
             else:

@@ -19,7 +19,7 @@ LINE_WIDTH = 100
 BAR_WIDTH = 40
 TOP_SOURCES, MISSING_CAPTION_EXAMPLES, DROPPED_EXAMPLES = 10, 10, 5
 _COLUMNS = ["source", "num_frames", "bucket", "caption", "target_fps"]
-_OPTIONAL_COLUMNS = ["mask"]  # (a manifest written before loss masks has none)
+_OPTIONAL_COLUMNS = ["mask", "first_frame"]  # (a manifest written before loss masks / first frames has none)
 
 # Reasons that carry a file name or path before any ':' would otherwise give one group per file.
 _KIND_PATTERNS = [
@@ -227,7 +227,9 @@ def render_report(
         lines += _share_table("frames", frame_histogram(rows), len(rows), "rrrl")
         lines += _source_lines(rows)
         lines += _caption_lines(rows)
-        lines += _mask_lines(rows)
+        lines += _sidecar_lines(rows, "mask", "loss masks", "no clip has one: every clip trains everywhere")
+        lines += _sidecar_lines(rows, "first_frame", "first-frame images",
+                                "no clip has one: an image-to-video model is conditioned on each clip's frame 0")
 
     dropped = report.get("dropped") or []
     groups = group_dropped(dropped)
@@ -284,13 +286,14 @@ def _caption_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
-def _mask_lines(rows: list[dict]) -> list[str]:
-    """Which source files carry a loss mask (data/loss_masks.py): their clips train only where it is white."""
-    masked = list(dict.fromkeys(row["source"] for row in rows if row.get("mask")))
-    lines = _section(f"loss masks: {len(masked)} source file(s)")
-    if not masked:
-        return [*lines, "no clip has one: every clip trains everywhere"]
-    return [*lines, f"  {_name_list([file_name(s) for s in masked], MISSING_CAPTION_EXAMPLES, LINE_WIDTH - 2)}"]
+def _sidecar_lines(rows: list[dict], column: str, title: str, when_none: str) -> list[str]:
+    """Which source files carry a file of theirs beside them: a loss mask (data/loss_masks.py) or a first-frame
+    image (data/first_frames.py), named in the manifest's `column`."""
+    sources = list(dict.fromkeys(row["source"] for row in rows if row.get(column)))
+    lines = _section(f"{title}: {len(sources)} source file(s)")
+    if not sources:
+        return [*lines, when_none]
+    return [*lines, f"  {_name_list([file_name(s) for s in sources], MISSING_CAPTION_EXAMPLES, LINE_WIDTH - 2)}"]
 
 
 def _name_list(names: list[str], limit: int, width: int) -> str:

@@ -37,9 +37,13 @@ def _digest(text: str) -> str:
 
 
 def video_entry_key(row: dict, video_encoder_id: str) -> str:
-    """Key of a clip's latents: source content, window, frame rate, bucket size and the encoder."""
+    """Key of a clip's latents: source content, window, frame rate, bucket size and the encoder, and the content
+    of its first-frame image when it has one (data/first_frames.py: an image-to-video model's condition)."""
     parts = (row["fingerprint"], row["start_frame"], row["num_frames"], row["target_fps"])
-    return "v" + _digest("|".join(map(str, (*parts, row["bucket_height"], row["bucket_width"], video_encoder_id))))
+    parts += (row["bucket_height"], row["bucket_width"], video_encoder_id)
+    if row.get("first_frame_fingerprint"):  # (keys of clips without one are as they were before first frames)
+        parts += (row["first_frame_fingerprint"],)
+    return "v" + _digest("|".join(map(str, parts)))
 
 
 def text_entry_key(caption: str, text_encoder_id: str) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from happyhorse_train.data.clip_rules import clip_frame_indices
-from happyhorse_train.data.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES, UnreadableMedia, load_clip
+from happyhorse_train.data.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES, UnreadableMedia, find_sidecar, load_clip
 
 if TYPE_CHECKING:
     import torch
@@ -27,11 +27,7 @@ def is_mask_file(path: Path) -> bool:
 
 def find_mask(media: Path) -> Path | None:
     """The mask sidecar of a media file, if it has one."""
-    for suffix in sorted(IMAGE_SUFFIXES | VIDEO_SUFFIXES):
-        candidate = media.with_name(f"{media.stem}{MASK_TAG}{suffix}")
-        if candidate.is_file():
-            return candidate
-    return None
+    return find_sidecar(media, MASK_TAG, IMAGE_SUFFIXES | VIDEO_SUFFIXES)
 
 
 def mask_entry_key(row: dict, video_encoder_id: str) -> str:

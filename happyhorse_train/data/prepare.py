@@ -18,11 +18,13 @@ import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from tqdm import tqdm
 
 from happyhorse_train.data.captions import CaptionError, CaptionIndex
 from happyhorse_train.data.clip_rules import ClipRules, nearest_bucket, plan_clips, source_frame_indices
+from happyhorse_train.data.first_frames import find_first_frame, is_first_frame_file
 from happyhorse_train.data.loss_masks import find_mask, is_mask_file
 from happyhorse_train.data.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES, MediaInfo, UnreadableMedia, probe
 from happyhorse_train.errors import UserInputError
@@ -31,6 +33,13 @@ from happyhorse_train.files import file_digest, write_atomic
 MANIFEST_FILE, REPORT_JSON, REPORT_TEXT, RULES_FILE = "manifest.parquet", "report.json", "report.txt", "rules.json"
 PROBES_FILE, PLOT_FILE = "probes.json", "inspect.png"  # what decoding each file told; inspect_dataset's plot
 _SIDE_FILES = {"captions.jsonl", "captions.csv"}
+
+
+class Sidecars(NamedTuple):
+    """The files beside a clip that belong to it."""
+
+    mask: Path | None  # its loss mask (loss_masks.py)
+    first_frame: Path | None  # its first-frame image (first_frames.py)
 
 
 @dataclass
@@ -128,8 +137,8 @@ def find_media(root: Path) -> tuple[list[Path], list[Dropped]]:
         if any(part.startswith(".") for part in relative.parts) or path.name in _SIDE_FILES:
             continue
         suffix = path.suffix.lower()
-        if is_mask_file(path):
-            continue  # a clip's loss mask (loss_masks.py), found through its clip
+        if is_mask_file(path) or is_first_frame_file(path):
+            continue  # a clip's loss mask or first-frame image (loss_masks.py, first_frames.py), found through it
         if suffix in VIDEO_SUFFIXES or suffix in IMAGE_SUFFIXES:
             media.append(path)
         elif suffix != ".txt":
@@ -161,8 +170,8 @@ def prepare_clips(
             f"{', '.join(sorted(IMAGE_SUFFIXES))}; {len(ignored)} other file(s))"
         )
     result = PrepareResult(dropped=ignored, files_seen=len(media) + len(ignored))
-    masks = {path: find_mask(path) for path in media}
-    files = media + [mask for mask in masks.values() if mask]  # loss masks are probed like their clips
+    sidecars = {path: Sidecars(find_mask(path), find_first_frame(path)) for path in media}
+    files = media + [side for pair in sidecars.values() for side in pair if side]  # probed like their clips
     names = {path: path.relative_to(source).as_posix() for path in files}
     known = known or {}
     result.probes = {names[p]: known[names[p]] for p in files if names[p] in known and known[names[p]].matches(p)}
@@ -174,19 +183,19 @@ def prepare_clips(
         futures = {pool.submit(probe_file, path): path for path in to_probe}
         for future in tqdm(as_completed(futures), total=len(futures), desc="probing files", disable=not progress):
             result.probes[names[futures[future]]] = future.result()
-    plan_rows(result, masks, names, CaptionIndex(source), rules)
+    plan_rows(result, sidecars, names, CaptionIndex(source), rules)
     return result
 
 
-def plan_rows(result: PrepareResult, masks: dict[Path, Path | None], names: dict[Path, str],
+def plan_rows(result: PrepareResult, sidecars: dict[Path, Sidecars], names: dict[Path, str],
               captions: CaptionIndex, rules: ClipRules) -> None:
     """Every probed media file's clips or drop reason into `result`, in sorted file order (not the order workers
-    finished in); `masks` maps each media file to its loss mask or None. A file that does not decode is reported
-    as such before a missing caption."""
+    finished in); `sidecars` maps each media file to its loss mask and first-frame image (or None). A file that
+    does not decode is reported as such before a missing caption."""
     result.notes += [f"{name}: {reason}" for name, reason in captions.problems]
     seen_content: dict[str, str] = {}
     missing = 0
-    for path, mask in masks.items():
+    for path, (mask, first) in sidecars.items():
         try:
             caption, caption_problem = captions.caption_for(path), None
         except CaptionError as error:
@@ -198,6 +207,7 @@ def plan_rows(result: PrepareResult, masks: dict[Path, Path | None], names: dict
         rows, reason = clips_of_file(path, result.probes[names[path]], caption or "", rules)
         mask_probe = result.probes[names[mask]] if mask else None
         reason = reason or caption_problem or attach_mask(mask, mask_probe, rows, result.probes[names[path]])
+        reason = reason or attach_first_frame(first, result.probes[names[first]] if first else None, rows)
         if reason:
             result.dropped.append(Dropped(names[path], reason))
         elif rows[0]["fingerprint"] in seen_content:
@@ -210,6 +220,10 @@ def plan_rows(result: PrepareResult, masks: dict[Path, Path | None], names: dict
     masked = len({row["source"] for row in result.rows if row["mask"]})
     if masked:
         result.notes.append(f"{masked} file(s) have a loss mask (<name>.mask.png or .mask.mp4): trained where white")
+    firsts = len({row["source"] for row in result.rows if row["first_frame"]})
+    if firsts:
+        result.notes.append(f"{firsts} file(s) have a first-frame image (<name>.first.png): an image-to-video "
+                            "model's condition in place of frame 0")
 
 
 def attach_mask(mask: Path | None, mask_probe: FileProbe | None, rows: list[dict], probed: FileProbe) -> str | None:
@@ -225,6 +239,15 @@ def attach_mask(mask: Path | None, mask_probe: FileProbe | None, rows: list[dict
                 f"{probed.width}x{probed.height}")
     if mask_probe.fps and mask_probe.num_frames < probed.num_frames:  # (a still mask holds for every frame)
         return f"its loss mask {mask.name} has {mask_probe.num_frames} frames, the clip {probed.num_frames}"
+    return None
+
+
+def attach_first_frame(first: Path | None, probed: FileProbe | None, rows: list[dict]) -> str | None:
+    """Give `rows` their file's first-frame image (or none); the reason to drop the file when it is unreadable."""
+    for row in rows:
+        row["first_frame"], row["first_frame_fingerprint"] = (str(first), probed.fingerprint) if first else ("", "")
+    if first is not None and probed.reason:
+        return f"its first-frame image {first.name} does not decode: {probed.reason}"
     return None
 
 

@@ -20,6 +20,15 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 _CHUNK = 32  # frames decoded per call while counting
 
 
+def find_sidecar(media: Path, tag: str, suffixes) -> Path | None:
+    """`<stem><tag><suffix>` beside a media file (clip.mp4 -> clip.mask.png), the first of `suffixes` present."""
+    for suffix in sorted(suffixes):
+        candidate = media.with_name(f"{media.stem}{tag}{suffix}")
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 class UnreadableMedia(Exception):
     """The file cannot be decoded; the message says why, for the drop report."""
 

@@ -3,18 +3,25 @@ oracle checks on both sides, one train.py run, and sample.py image= end to end w
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from happyhorse_train.data.cache_fill import fill_cache
+from happyhorse_train.data.latent_cache import LatentCache, video_entry_key
+from happyhorse_train.data.prepare import load_manifest, prepare_clips, write_dataset_folder
+from happyhorse_train.data.video import load_clip
+from happyhorse_train.demo.clips import DEMO_CLIPS, write_demo_clips
 from happyhorse_train.demo.random_model import build_random_pipeline, write_random_model
 from happyhorse_train.models.backbones import get_spec
 from happyhorse_train.models.happyhorse.pipeline import with_first_frame
 from happyhorse_train.models.presets import load_preset
 from happyhorse_train.training import flow_matching as fm
 from tests.conftest import run_script
-from tests.integration.conftest import FAST
+from tests.integration.conftest import FAST, RULES
 from tests.integration.test_train import losses
 
 SIZE = dict(height=32, width=48, num_frames=9, max_sequence_length=16)
@@ -42,7 +49,7 @@ def test_training_gives_the_clean_first_frame_and_leaves_it_out_of_the_loss():
     generator = torch.Generator().manual_seed(0)
     clean, noise = (torch.randn(2, 16, 3, 4, 6, generator=generator) for _ in range(2))
     noisy, given, inputs = spec.condition_on_clean(
-        transformer, clean, fm.noisy_latents(clean, noise, torch.tensor([0.3, 0.8])), {}
+        transformer, clean, fm.noisy_latents(clean, noise, torch.tensor([0.3, 0.8])), {"first_latents": clean[:, :, :1]}
     )
     assert inputs == {}
     assert torch.equal(noisy[:, :, 0], clean[:, :, 0]) and not torch.equal(noisy[:, :, 1], clean[:, :, 1])
@@ -115,3 +122,33 @@ def test_train_and_sample_an_image_to_video_model_end_to_end(i2v_model, demo_mod
     text_model = run_script("sample.py", f"model.path={demo_model_dir}", f"image={image}", *common)
     assert text_model.returncode == 2 and "image given, but this happyhorse model is text-to-video" in text_model.stderr
     assert "Traceback" not in no_image.stderr + text_model.stderr
+
+
+def test_a_first_frame_image_beside_a_clip_is_its_condition(i2v_model, tmp_path):
+    clips = write_demo_clips(tmp_path / "clips", DEMO_CLIPS[:3])
+    Image.fromarray(np.full((48, 72, 3), 230, dtype=np.uint8)).save(clips[0].with_name(f"{clips[0].stem}.first.png"))
+    clips[1].with_name(f"{clips[1].stem}.first.jpg").write_bytes(b"not an image")
+    result = prepare_clips(tmp_path / "clips", RULES, num_workers=1, progress=False)
+    write_dataset_folder(result, tmp_path / "clips", tmp_path / "dataset", RULES)
+    assert [d.reason for d in result.dropped] == [f"its first-frame image {clips[1].stem}.first.jpg does not decode: "
+                                                 f"{result.probes[f'{clips[1].stem}.first.jpg'].reason}"]
+    assert "1 file(s) have a first-frame image (<name>.first.png)" in "\n".join(result.notes)
+    rows = load_manifest(tmp_path / "dataset").to_list()
+    [with_image] = [row for row in rows if row["first_frame"]]
+    inspected = run_script("data_tools/inspect_dataset.py", str(tmp_path / "dataset"), "--plot", str(tmp_path / "p"))
+    assert inspected.returncode == 0 and "first-frame images: 1 source file(s)" in inspected.stdout, inspected.stderr
+
+    spec = get_spec("happyhorse", 16)
+    pipe = spec.load_pipeline(i2v_model, torch.device("cpu"), torch.float32)
+    encoder = spec.clip_encoder(pipe, i2v_model)
+    cache = LatentCache(tmp_path / "cache")
+    fill_cache(rows, cache, encoder, progress=False)
+    key = video_entry_key(with_image, encoder.video_id)
+    assert key != video_entry_key({**with_image, "first_frame_fingerprint": ""}, encoder.video_id)  # the key covers it
+    entry = cache.get(key)
+    image = load_clip(Path(with_image["first_frame"]), [0], with_image["bucket_height"], with_image["bucket_width"])
+    torch.testing.assert_close(entry["first_latents"], encoder.encode_image(image)[0])  # the image at the bucket size
+    own_first = spec.normalize_latents(pipe, entry["mean"][None])[0, :, :1]
+    assert (entry["first_latents"] - own_first).abs().mean() > 0.1  # not the clip's own frame 0
+    without = cache.get(video_entry_key(next(row for row in rows if not row["first_frame"]), encoder.video_id))
+    assert without["first_latents"].shape == entry["first_latents"].shape  # every clip of an I2V model has one

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from happyhorse_train.demo.autoencoder import TRAINED_VAE
 from happyhorse_train.demo.random_model import write_random_model
+from happyhorse_train.errors import UserInputError
 from happyhorse_train.models.backbones import get_spec
 from happyhorse_train.models.presets import load_preset
 from happyhorse_train.rendering.sample_pipeline import apply_loras
@@ -190,7 +191,37 @@ def test_the_cache_key_covers_the_image_conditioning_and_the_image_encoder(model
     assert on_channels.startswith(f"{text_only}:first_frame_on_channels:")
     assert other.split(":")[-2] != on_channels.split(":")[-2]  # the image encoder's part
 
-    # The clean-first-frame way needs nothing beyond the latents: it shares a text-to-video cache of its VAE.
     ti2v = get_spec("wan-i2v", 64)
     ti2v_pipe = ti2v.load_pipeline(models["wan2.2-ti2v-tiny"], torch.device("cpu"), torch.float32)
-    assert ti2v.clip_encoder(ti2v_pipe, models["wan2.2-ti2v-tiny"]).video_id == text_only
+    assert ti2v.clip_encoder(ti2v_pipe, models["wan2.2-ti2v-tiny"]).video_id == f"{text_only}:first_frame"
+
+
+def test_a_wan_i2v_folder_whose_parts_disagree_is_one_line_before_it_loads(models, tmp_path):
+    import json
+    import shutil
+
+    def broken(preset: str, change) -> str:
+        folder = tmp_path / f"{preset}-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(models[preset], folder)
+        change(folder)
+        return folder
+
+    def edit_index(**fields):
+        def change(folder):
+            index = json.loads((folder / "model_index.json").read_text())
+            (folder / "model_index.json").write_text(json.dumps({**index, **fields}))
+        return change
+
+    cases = [
+        (get_spec("wan-i2v", 512), broken("wan2.1-i2v-tiny", edit_index(expand_timesteps=True)),
+         "model_index.json has expand_timesteps=True, but the transformer takes the image first_frame_on_channels"),
+        (get_spec("wan-i2v", 64), broken("wan2.2-ti2v-tiny", edit_index(expand_timesteps=False)),
+         "set expand_timesteps to True (true for Wan 2.2 TI2V"),
+        (get_spec("wan-i2v", 512), broken("wan2.1-i2v-tiny", lambda folder: shutil.rmtree(folder / "image_encoder")),
+         "the transformer takes CLIP image embeddings (image_dim 16), but there is no image_encoder/ subfolder"),
+        (get_spec("wan-i2v", 64), models["wan2.1-i2v-tiny"], "reads prompts as exactly 512 tokens"),
+        (get_spec("wan-i2v", 64), broken("wan2.2-ti2v-tiny", edit_index(boundary_ratio=0.9)), "two-expert Wan 2.2"),
+    ]
+    for spec, folder, message in cases:
+        with pytest.raises(UserInputError, match=re.escape(message)):
+            spec.load_pipeline(folder, torch.device("cpu"), torch.float32)

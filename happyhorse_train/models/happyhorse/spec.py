@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from happyhorse_train.models.clip_encoder import FIRST_FRAME
 from happyhorse_train.models.happyhorse.clip_encoder import HappyHorseClipEncoder
 from happyhorse_train.models.happyhorse.pipeline import HappyHorsePipeline, with_first_frame
 from happyhorse_train.models.happyhorse.transformer import HappyHorseTransformer3DModel
@@ -29,14 +30,14 @@ class HappyHorseSpec(ModelSpec):
         return transformer.config.get("image_conditioning")
 
     def condition_on_clean(self, transformer, clean, noisy, cached):
-        if self.image_conditioning(transformer) != "first_frame":
+        if self.image_conditioning(transformer) != FIRST_FRAME:
             return Conditioned(noisy, None, {})
-        # The clip's own first latent frame is the condition (a causal VAE encodes pixel frame 0 alone there, as
-        # the pipeline encodes the image); the loss leaves that frame out, since it is given, not predicted.
-        return Conditioned(with_first_frame(noisy, clean[:, :, :1]), first_frame_loss_mask(noisy), {})
+        # The cached image latent stands as latent frame 0, as in the pipeline; the loss leaves that frame out,
+        # since it is given, not predicted.
+        return Conditioned(with_first_frame(noisy, cached["first_latents"]), first_frame_loss_mask(noisy), {})
 
     def clip_encoder(self, pipe, path):
-        return HappyHorseClipEncoder(pipe, path, self.max_sequence_length)
+        return HappyHorseClipEncoder(pipe, path, self.max_sequence_length, self.image_conditioning(pipe.transformer))
 
     def predict_velocity(self, transformer, noisy_latents, timesteps, text_states, text_mask):
         return transformer(

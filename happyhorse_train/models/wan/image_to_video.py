@@ -20,12 +20,12 @@ from diffusers import WanImageToVideoPipeline
 from PIL import Image
 
 from happyhorse_train.errors import UserInputError
+from happyhorse_train.models.clip_encoder import FIRST_FRAME, condition_image
 from happyhorse_train.models.component_id import component_id
-from happyhorse_train.models.latent_space import normalize_latents
 from happyhorse_train.models.spec import Conditioned, first_frame_loss_mask
 from happyhorse_train.models.wan.text_to_video import WanClipEncoder, WanSpec
 
-ON_CHANNELS, CLEAN_FIRST_FRAME = "first_frame_on_channels", "first_frame"
+ON_CHANNELS, CLEAN_FIRST_FRAME = "first_frame_on_channels", FIRST_FRAME
 # diffusers' WanAttnProcessor takes all but the last 512 context tokens as the image's.
 TEXT_TOKENS_WITH_IMAGE = 512
 
@@ -42,33 +42,28 @@ def image_pixels(pixels: torch.Tensor) -> Image.Image:
 
 
 class WanImageClipEncoder(WanClipEncoder):
-    """A clip's latents and, for `first_frame_on_channels`, what the pipeline makes of its first frame:
-    "image_latents" (the normalized VAE mode of the frame followed by black frames, as
-    `WanImageToVideoPipeline.prepare_latents` encodes it) and "image_embeds" (the CLIP image encoder's
-    penultimate states, where the model has one). `first_frame` needs nothing beyond the clip's own latents."""
+    """A clip's latents and what the pipeline makes of its condition image (its first-frame image, else its frame
+    0): `first_frame` the image's own latents ("first_latents"); `first_frame_on_channels` "image_latents" (the
+    normalized VAE mode of the image followed by black frames, as `WanImageToVideoPipeline.prepare_latents`
+    encodes it) and "image_embeds" (the CLIP image encoder's penultimate states, where the model has one)."""
 
     def __init__(self, pipe, model_folder, max_sequence_length: int, conditioning: str):
-        super().__init__(pipe, model_folder, max_sequence_length)
-        self.conditioning = conditioning
-        if conditioning == ON_CHANNELS:
+        super().__init__(pipe, model_folder, max_sequence_length, conditioning)
+        if conditioning == ON_CHANNELS and pipe.image_encoder is not None:
             folder = Path(model_folder)
-            parts = [self.video_id, conditioning]
-            if pipe.image_encoder is not None:
-                parts += [component_id(folder / "image_encoder"), component_id(folder / "image_processor")]
-            self.video_id = ":".join(parts)
+            self.video_id += f":{component_id(folder / 'image_encoder')}:{component_id(folder / 'image_processor')}"
 
     @torch.no_grad()
-    def encode_video(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        entry = super().encode_video(pixels)
+    def encode_video(self, pixels, first_frame=None):
+        entry = super().encode_video(pixels, first_frame)
         if self.conditioning != ON_CHANNELS:
             return entry
-        vae = self.pipe.vae
-        first_then_black = torch.cat([pixels[:, :1], torch.zeros_like(pixels[:, 1:])], dim=1)
-        mode = vae.encode(first_then_black[None].to(vae.device, vae.dtype)).latent_dist.mode()
-        entry["image_latents"] = normalize_latents(vae, mode.float())[0]
+        image = condition_image(pixels, first_frame)
+        first_then_black = torch.cat([image[:, None], torch.zeros_like(pixels[:, 1:])], dim=1)
+        entry["image_latents"] = self.encode_image(first_then_black)[0]
         if self.pipe.image_encoder is not None:
-            image = image_pixels(pixels[:, 0])
-            entry["image_embeds"] = self.pipe.encode_image(image, self.pipe.image_encoder.device)[0].float()
+            embeds = self.pipe.encode_image(image_pixels(image), self.pipe.image_encoder.device)
+            entry["image_embeds"] = embeds[0].float()
         return entry
 
 
@@ -124,7 +119,8 @@ class WanImageSpec(WanSpec):
             kept = first_frame_loss_mask(noisy)
             _, ph, pw = transformer.config.patch_size
             token_timesteps = kept[:, 0, :, ::ph, ::pw].flatten(1)
-            return Conditioned((1 - kept) * clean + kept * noisy, kept, {"token_timesteps": token_timesteps})
+            latents = (1 - kept) * cached["first_latents"].to(noisy.dtype) + kept * noisy
+            return Conditioned(latents, kept, {"token_timesteps": token_timesteps})
         # The 4 mask channels say which latent frames the image latents hold (frame 0's four pixel frames).
         config = transformer.config
         given = torch.zeros_like(noisy[:, :1]).expand(-1, config.in_channels - 2 * config.out_channels, -1, -1, -1)
