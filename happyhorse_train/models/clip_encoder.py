@@ -50,11 +50,11 @@ class VaeClipEncoder(ABC):
         dist = vae.encode(pixels[None].to(vae.device, vae.dtype)).latent_dist
         entry = {"mean": dist.mean[0].float(), "std": dist.std[0].float()}
         if self.conditioning == FIRST_FRAME:
-            entry["first_latents"] = self.encode_image(condition_image(pixels, first_frame)[:, None])[0]
+            entry["first_latents"] = self.condition_latents(condition_image(pixels, first_frame)[:, None])[0]
         return entry
 
     @torch.no_grad()
-    def encode_image(self, video: torch.Tensor) -> torch.Tensor:
+    def condition_latents(self, video: torch.Tensor) -> torch.Tensor:
         """(3, T, H, W) pixels -> (1, C, T', H', W') normalized latents of the VAE's mode: how the pipelines
         encode their condition image (no sampling)."""
         vae = self.pipe.vae

@@ -146,8 +146,9 @@ def test_a_first_frame_image_beside_a_clip_is_its_condition(i2v_model, tmp_path)
     key = video_entry_key(with_image, encoder.video_id)
     assert key != video_entry_key({**with_image, "first_frame_fingerprint": ""}, encoder.video_id)  # the key covers it
     entry = cache.get(key)
+    # The image at the bucket size, encoded alone:
     image = load_clip(Path(with_image["first_frame"]), [0], with_image["bucket_height"], with_image["bucket_width"])
-    torch.testing.assert_close(entry["first_latents"], encoder.encode_image(image)[0])  # the image at the bucket size
+    torch.testing.assert_close(entry["first_latents"], encoder.condition_latents(image)[0])
     own_first = spec.normalize_latents(pipe, entry["mean"][None])[0, :, :1]
     assert (entry["first_latents"] - own_first).abs().mean() > 0.1  # not the clip's own frame 0
     without = cache.get(video_entry_key(next(row for row in rows if not row["first_frame"]), encoder.video_id))

@@ -60,7 +60,7 @@ class WanImageClipEncoder(WanClipEncoder):
             return entry
         image = condition_image(pixels, first_frame)
         first_then_black = torch.cat([image[:, None], torch.zeros_like(pixels[:, 1:])], dim=1)
-        entry["image_latents"] = self.encode_image(first_then_black)[0]
+        entry["image_latents"] = self.condition_latents(first_then_black)[0]
         if self.pipe.image_encoder is not None:
             embeds = self.pipe.encode_image(image_pixels(image), self.pipe.image_encoder.device)
             entry["image_embeds"] = embeds[0].float()
