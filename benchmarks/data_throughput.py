@@ -205,7 +205,7 @@ class IdleEncoder:
     def __init__(self, seconds: float):
         self.seconds = seconds
 
-    def encode_video(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def encode_video(self, pixels: torch.Tensor, first_frame=None) -> dict[str, torch.Tensor]:
         time.sleep(self.seconds)
         summary = pixels.mean(dim=(2, 3))  # small, finite, and it reads every pixel
         return {"mean": summary, "std": summary.abs() + 1.0}
@@ -224,7 +224,7 @@ class TinyVaeEncoder(IdleEncoder):
         self.vae = AutoencoderKLWan.from_pretrained(ROOT / "happyhorse_train" / "demo" / "tiny_vae").eval()
 
     @torch.no_grad()
-    def encode_video(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def encode_video(self, pixels: torch.Tensor, first_frame=None) -> dict[str, torch.Tensor]:
         dist = self.vae.encode(pixels[None]).latent_dist
         return {"mean": dist.mean[0], "std": dist.std[0]}
 

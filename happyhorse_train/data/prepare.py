@@ -243,9 +243,11 @@ def attach_mask(mask: Path | None, mask_probe: FileProbe | None, rows: list[dict
 
 
 def attach_first_frame(first: Path | None, probed: FileProbe | None, rows: list[dict]) -> str | None:
-    """Give `rows` their file's first-frame image (or none); the reason to drop the file when it is unreadable."""
+    """Give the file's clip that starts at its frame 0 the file's first-frame image (other windows open on their
+    own frame 0); the reason to drop the file when the image is unreadable."""
     for row in rows:
-        row["first_frame"], row["first_frame_fingerprint"] = (str(first), probed.fingerprint) if first else ("", "")
+        opens = first is not None and row["start_frame"] == 0
+        row["first_frame"], row["first_frame_fingerprint"] = (str(first), probed.fingerprint) if opens else ("", "")
     if first is not None and probed.reason:
         return f"its first-frame image {first.name} does not decode: {probed.reason}"
     return None

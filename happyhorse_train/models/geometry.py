@@ -10,7 +10,8 @@ def video_latent_shape(pipe, height: int, width: int, num_frames: int) -> tuple[
     valid values when a size does not fit (nothing is rounded silently).
 
     Reads `pipe.vae_scale_factor_spatial`, `pipe.vae_scale_factor_temporal` and the transformer's
-    `patch_size` and `in_channels` config, which HappyHorsePipeline and diffusers' WanPipeline both have.
+    `patch_size` and `out_channels` config (the latent's channels: an image-to-video Wan reads more), which
+    HappyHorsePipeline and diffusers' Wan pipelines all have.
     """
     spatial = pipe.vae_scale_factor_spatial
     temporal = pipe.vae_scale_factor_temporal
@@ -29,5 +30,5 @@ def video_latent_shape(pipe, height: int, width: int, num_frames: int) -> tuple[
             f"num_frames={num_frames} is not of the form {temporal}k+1 (the VAE compresses time {temporal}x); "
             f"try {lower} or {lower + temporal}"
         )
-    channels = pipe.transformer.config.in_channels
+    channels = pipe.transformer.config.out_channels
     return channels, (num_frames - 1) // temporal + 1, height // spatial, width // spatial

@@ -32,7 +32,7 @@ from happyhorse_train.models.lora_formats import (
 
 
 class Conditioned(NamedTuple):
-    """A training input as the pipeline builds it at inference (`ModelSpec.condition_on_clean`)."""
+    """A training input as the pipeline builds it at inference (`ModelSpec.conditioned_input`)."""
 
     latents: torch.Tensor  # what the transformer is given as its hidden states
     loss_mask: torch.Tensor | None  # (B, 1, T, H, W): where the loss counts (None: everywhere)
@@ -113,18 +113,16 @@ class ModelSpec(ABC):
         """One training forward: the flow-matching velocity for normalized (B, C, T, H, W) latents, with the
         text conditioning prepared exactly as the backbone's pipeline prepares it at inference. `text_mask`
         (B, tokens), True for real tokens, is None when no token is padding; `inputs` are the ones
-        `condition_on_clean` returned."""
+        `conditioned_input` returned."""
 
     def image_conditioning(self, transformer: torch.nn.Module) -> str | None:
         """How the model takes an image (None: text to video only); sample.py refuses image= without one."""
         return None
 
-    def condition_on_clean(
-        self, transformer: torch.nn.Module, clean: torch.Tensor, noisy: torch.Tensor, cached: dict
-    ) -> Conditioned:
-        """The training input made from the noisy latents, the clean ones and the clip's cached conditioning
-        (`cached`: the fields its clip encoder stored beside the latents, batched, on the device), exactly as
-        the pipeline conditions at inference. Text to video: the noisy latents as they are."""
+    def conditioned_input(self, transformer: torch.nn.Module, noisy: torch.Tensor, cached: dict) -> Conditioned:
+        """The training input made from the noisy latents and the clip's cached conditioning (`cached`: the
+        fields its clip encoder stored beside the latents, batched, on the device), exactly as the pipeline
+        conditions at inference. Text to video: the noisy latents as they are."""
         return Conditioned(noisy, None, {})
 
     def normalize_latents(self, pipe, latents: torch.Tensor) -> torch.Tensor:

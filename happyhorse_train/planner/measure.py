@@ -300,8 +300,10 @@ def _meta_inputs(preset, width, height, frames, batch_size, text_tokens):
     preset = load_preset(preset) if isinstance(preset, str) else preset
     channels, t, h, w = latent_shape(preset, width, height, frames)
     text_tokens = text_tokens or default_text_tokens(preset)
+    # float32, as the trainer feeds them; with an image-to-video model's extra input channels (no image tokens)
+    channels_in = preset["transformer"].get("in_channels", channels)
     inputs = dict(
-        noisy_latents=torch.empty(batch_size, channels, t, h, w, device="meta"),  # float32, as the trainer feeds them
+        noisy_latents=torch.empty(batch_size, channels_in, t, h, w, device="meta"),
         timesteps=torch.empty(batch_size, device="meta"),
         text_states=torch.empty(batch_size, text_tokens, preset["transformer"]["text_dim"], device="meta"),
         text_mask=None,  # unpadded text: the trainer passes no mask then (training/step.py)

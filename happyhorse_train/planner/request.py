@@ -44,12 +44,14 @@ def latent_shape(preset: dict, width: int, height: int, frames: int) -> tuple[in
     """(channels, frames, height, width) of one clip's latent; a UserInputError naming valid sizes otherwise."""
     transformer = preset["transformer"]
     vae = preset.get("vae") or {}
-    channels = transformer.get("in_channels", 16)
+    channels = transformer.get("out_channels", 16)  # the latent's (an image-to-video Wan reads more)
     spatial, temporal = VAE_FACTORS_BY_LATENT_CHANNELS.get(channels, (8, 4))
     # The geometry check reads these pipeline attributes; the planner has no pipeline, only the preset.
     pipe_like = SimpleNamespace(
         vae_scale_factor_spatial=vae.get("scale_factor_spatial", spatial),
         vae_scale_factor_temporal=vae.get("scale_factor_temporal", temporal),
-        transformer=SimpleNamespace(config=SimpleNamespace(patch_size=transformer["patch_size"], in_channels=channels)),
+        transformer=SimpleNamespace(
+            config=SimpleNamespace(patch_size=transformer["patch_size"], out_channels=channels)
+        ),
     )
     return video_latent_shape(pipe_like, height, width, frames)

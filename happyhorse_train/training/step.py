@@ -96,17 +96,17 @@ def velocity_errors(batch, posterior, sigmas, noise, text_and_mask, ctx: StepCon
     if shifted:
         sigmas = fm.shift_sigmas(sigmas, training_shift(ctx.flow, tokens))
     cached = {name: to_device(tensor) for name, tensor in batch.get("condition", {}).items()}
-    given = ctx.spec.condition_on_clean(ctx.pipe.transformer, latents, fm.noisy_latents(latents, noise, sigmas), cached)
+    conditioned = ctx.spec.conditioned_input(ctx.pipe.transformer, fm.noisy_latents(latents, noise, sigmas), cached)
     # Autocast here rather than accelerate's: under DeepSpeed accelerate turns its own off, and a bf16
     # DeepSpeed model would then meet float32 inputs.
     dtype = ctx.compute_dtype
     with torch.autocast(ctx.device.type, dtype=dtype, enabled=dtype != torch.float32):
         prediction = ctx.spec.predict_velocity(
-            ctx.model, given.latents, fm.timesteps_from_sigmas(sigmas), text, mask, **given.inputs
+            ctx.model, conditioned.latents, fm.timesteps_from_sigmas(sigmas), text, mask, **conditioned.inputs
         )
     loss_mask = to_device(batch.get("loss_mask"))
-    if given.loss_mask is not None:  # what the model is given (an image-to-video first frame) is not predicted
-        loss_mask = given.loss_mask if loss_mask is None else loss_mask * given.loss_mask
+    if conditioned.loss_mask is not None:  # what the model is given (an image-to-video first frame) is not predicted
+        loss_mask = conditioned.loss_mask if loss_mask is None else loss_mask * conditioned.loss_mask
     errors = fm.squared_errors(prediction, fm.velocity_target(latents, noise), loss_mask)
     return errors, sigmas, tokens * latents.shape[0]
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from happyhorse_train.data.cache_fill import fill_cache
 from happyhorse_train.data.latent_cache import LatentCache, video_entry_key
-from happyhorse_train.data.prepare import load_manifest, prepare_clips, write_dataset_folder
+from happyhorse_train.data.prepare import attach_first_frame, load_manifest, prepare_clips, write_dataset_folder
 from happyhorse_train.data.video import load_clip
 from happyhorse_train.demo.clips import DEMO_CLIPS, write_demo_clips
 from happyhorse_train.demo.random_model import build_random_pipeline, write_random_model
@@ -44,15 +44,15 @@ def i2v_model(tmp_path_factory):
     return write_random_model(tmp_path_factory.mktemp("i2v") / "model", i2v_preset(), seed=0, vae=vae)
 
 
-def test_training_gives_the_clean_first_frame_and_leaves_it_out_of_the_loss():
+def test_training_gives_the_cached_image_latent_as_first_frame_and_leaves_it_out_of_the_loss():
     spec, transformer = get_spec("happyhorse"), build_random_pipeline(i2v_preset(), 0).transformer
     generator = torch.Generator().manual_seed(0)
     clean, noise = (torch.randn(2, 16, 3, 4, 6, generator=generator) for _ in range(2))
-    noisy, given, inputs = spec.condition_on_clean(
-        transformer, clean, fm.noisy_latents(clean, noise, torch.tensor([0.3, 0.8])), {"first_latents": clean[:, :, :1]}
-    )
+    image = torch.randn(2, 16, 1, 4, 6, generator=generator)  # the cached first_latents
+    noisy = fm.noisy_latents(clean, noise, torch.tensor([0.3, 0.8]))
+    given_input, given, inputs = spec.conditioned_input(transformer, noisy, {"first_latents": image})
     assert inputs == {}
-    assert torch.equal(noisy[:, :, 0], clean[:, :, 0]) and not torch.equal(noisy[:, :, 1], clean[:, :, 1])
+    assert torch.equal(given_input[:, :, :1], image) and torch.equal(given_input[:, :, 1:], noisy[:, :, 1:])
     exact = fm.velocity_target(clean, noise)
     assert fm.squared_errors(exact, exact, given).eq(0).all()  # the oracle's loss
     wrong_first = exact.clone()
@@ -63,7 +63,7 @@ def test_training_gives_the_clean_first_frame_and_leaves_it_out_of_the_loss():
     assert fm.squared_errors(wrong_second, exact, given).gt(0).all()
 
     text_only = build_random_pipeline("tiny", 0).transformer
-    assert spec.condition_on_clean(text_only, clean, noise, {}) == (noise, None, {})
+    assert spec.conditioned_input(text_only, noise, {}) == (noise, None, {})
 
 
 def test_the_pipeline_driven_by_the_exact_velocity_returns_the_clip_with_the_image_as_first_frame():
@@ -135,6 +135,9 @@ def test_a_first_frame_image_beside_a_clip_is_its_condition(i2v_model, tmp_path)
     assert "1 file(s) have a first-frame image (<name>.first.png)" in "\n".join(result.notes)
     rows = load_manifest(tmp_path / "dataset").to_list()
     [with_image] = [row for row in rows if row["first_frame"]]
+    windows = [{"start_frame": 0}, {"start_frame": 17}]  # a later window opens on its own frame 0
+    attach_first_frame(Path(with_image["first_frame"]), result.probes[f"{clips[0].stem}.first.png"], windows)
+    assert [bool(window["first_frame"]) for window in windows] == [True, False]
     inspected = run_script("data_tools/inspect_dataset.py", str(tmp_path / "dataset"), "--plot", str(tmp_path / "p"))
     assert inspected.returncode == 0 and "first-frame images: 1 source file(s)" in inspected.stdout, inspected.stderr
 

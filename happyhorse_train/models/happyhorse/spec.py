@@ -29,7 +29,7 @@ class HappyHorseSpec(ModelSpec):
     def image_conditioning(self, transformer):
         return transformer.config.get("image_conditioning")
 
-    def condition_on_clean(self, transformer, clean, noisy, cached):
+    def conditioned_input(self, transformer, noisy, cached):
         if self.image_conditioning(transformer) != FIRST_FRAME:
             return Conditioned(noisy, None, {})
         # The cached image latent stands as latent frame 0, as in the pipeline; the loss leaves that frame out,

@@ -12,11 +12,11 @@ Training builds the transformer's input from the same parts, cached per clip by 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import WanImageToVideoPipeline
 from PIL import Image
 
 from happyhorse_train.errors import UserInputError
@@ -24,6 +24,20 @@ from happyhorse_train.models.clip_encoder import FIRST_FRAME, condition_image
 from happyhorse_train.models.component_id import component_id
 from happyhorse_train.models.spec import Conditioned, first_frame_loss_mask
 from happyhorse_train.models.wan.text_to_video import WanClipEncoder, WanSpec
+
+
+def _quietly_imported_pipeline() -> type:
+    # Importing the pipeline makes transformers warn that, without torchvision, CLIPImageProcessor falls back to
+    # its PIL version: the one this toolkit uses anyway (torchvision is not one of its dependencies).
+    warner = logging.getLogger("transformers.utils.import_utils")
+    level = warner.level
+    warner.setLevel(logging.ERROR)
+    try:
+        from diffusers import WanImageToVideoPipeline
+    finally:
+        warner.setLevel(level)
+    return WanImageToVideoPipeline
+
 
 ON_CHANNELS, CLEAN_FIRST_FRAME = "first_frame_on_channels", FIRST_FRAME
 # diffusers' WanAttnProcessor takes all but the last 512 context tokens as the image's.
@@ -49,7 +63,8 @@ class WanImageClipEncoder(WanClipEncoder):
 
     def __init__(self, pipe, model_folder, max_sequence_length: int, conditioning: str):
         super().__init__(pipe, model_folder, max_sequence_length, conditioning)
-        if conditioning == ON_CHANNELS and pipe.image_encoder is not None:
+        self.takes_embeds = pipe.transformer.config.image_dim is not None  # as the pipeline decides
+        if conditioning == ON_CHANNELS and self.takes_embeds:
             folder = Path(model_folder)
             self.video_id += f":{component_id(folder / 'image_encoder')}:{component_id(folder / 'image_processor')}"
 
@@ -61,7 +76,7 @@ class WanImageClipEncoder(WanClipEncoder):
         image = condition_image(pixels, first_frame)
         first_then_black = torch.cat([image[:, None], torch.zeros_like(pixels[:, 1:])], dim=1)
         entry["image_latents"] = self.condition_latents(first_then_black)[0]
-        if self.pipe.image_encoder is not None:
+        if self.takes_embeds:
             embeds = self.pipe.encode_image(image_pixels(image), self.pipe.image_encoder.device)
             entry["image_embeds"] = embeds[0].float()
         return entry
@@ -69,7 +84,7 @@ class WanImageClipEncoder(WanClipEncoder):
 
 class WanImageSpec(WanSpec):
     name = "wan-i2v"
-    pipeline_class = WanImageToVideoPipeline
+    pipeline_class = _quietly_imported_pipeline()
     float32_components = ("vae", "image_encoder")  # the CLIP encoder in float32, as diffusers' examples load it
     # Beside the text-to-video targets: the image cross-attention's key and value (ComfyUI's k_img, v_img).
     default_lora_targets = [*WanSpec.default_lora_targets, "add_k_proj", "add_v_proj"]
@@ -98,9 +113,10 @@ class WanImageSpec(WanSpec):
                 f"expand_timesteps to {not expand} (true for Wan 2.2 TI2V, false for Wan 2.1 I2V)")
         if index.get("boundary_ratio") is not None:
             raise UserInputError(f"{folder}: a two-expert Wan 2.2 model (boundary_ratio) does not train here yet")
-        if config.get("image_dim") is not None and not (folder / "image_encoder").is_dir():
+        missing = [name for name in ("image_encoder", "image_processor") if not (folder / name).is_dir()]
+        if config.get("image_dim") is not None and missing:
             raise UserInputError(f"{folder}: the transformer takes CLIP image embeddings (image_dim "
-                                 f"{config['image_dim']}), but there is no image_encoder/ subfolder")
+                                 f"{config['image_dim']}), but there is no {' or '.join(missing)} subfolder")
         if config.get("added_kv_proj_dim") is not None and self.max_sequence_length != TEXT_TOKENS_WITH_IMAGE:
             raise UserInputError(
                 f"this Wan image-to-video model reads prompts as exactly {TEXT_TOKENS_WITH_IMAGE} tokens (diffusers "
@@ -113,18 +129,18 @@ class WanImageSpec(WanSpec):
     def clip_encoder(self, pipe, path):
         return WanImageClipEncoder(pipe, path, self.max_sequence_length, self.image_conditioning(pipe.transformer))
 
-    def condition_on_clean(self, transformer, clean, noisy, cached):
+    def conditioned_input(self, transformer, noisy, cached):
         if self.image_conditioning(transformer) == CLEAN_FIRST_FRAME:
             # As the pipeline: latent frame 0 clean, its tokens at timestep 0, and nothing there to predict.
             kept = first_frame_loss_mask(noisy)
-            _, ph, pw = transformer.config.patch_size
-            token_timesteps = kept[:, 0, :, ::ph, ::pw].flatten(1)
+            pt, ph, pw = transformer.config.patch_size
+            token_timesteps = kept[:, 0, ::pt, ::ph, ::pw].flatten(1)
             latents = (1 - kept) * cached["first_latents"].to(noisy.dtype) + kept * noisy
             return Conditioned(latents, kept, {"token_timesteps": token_timesteps})
         # The 4 mask channels say which latent frames the image latents hold (frame 0's four pixel frames).
         config = transformer.config
-        given = torch.zeros_like(noisy[:, :1]).expand(-1, config.in_channels - 2 * config.out_channels, -1, -1, -1)
-        given = given.clone()
+        batch, _, frames, height, width = noisy.shape
+        given = noisy.new_zeros(batch, config.in_channels - 2 * config.out_channels, frames, height, width)
         given[:, :, 0] = 1
         latents = torch.cat([noisy, given, cached["image_latents"].to(noisy.dtype)], dim=1)
         inputs = {"image_embeds": cached["image_embeds"]} if "image_embeds" in cached else {}
