@@ -25,10 +25,15 @@ def load_preset(name_or_path: str | Path) -> dict:
     return OmegaConf.to_container(_composed(path), resolve=True)
 
 
-def _composed(path: Path):
+def _composed(path: Path, seen: tuple[Path, ...] = ()):
+    if path in seen:
+        raise UserInputError(f"{path}: its defaults come back to it ({' -> '.join(p.stem for p in (*seen, path))})")
+    if not path.is_file():
+        raise UserInputError(f"{seen[-1]}: its defaults name {path.stem!r}, but there is no {path}")
     own = OmegaConf.load(path)
     defaults = list(own.pop("defaults", None) or ["_self_"])
     if "_self_" not in defaults:
         raise UserInputError(f"{path}: its defaults list needs _self_ (after the presets its values override)")
-    parts = [own if entry == "_self_" else _composed(path.parent / f"{entry}.yaml") for entry in defaults]
+    parts = [own if entry == "_self_" else _composed(path.parent / f"{entry}.yaml", (*seen, path))
+             for entry in defaults]
     return OmegaConf.merge(*parts)

@@ -61,3 +61,9 @@ def test_a_preset_whose_defaults_lack_self_is_refused(tmp_path):
         load_preset(tmp_path / "child.yaml")
     (tmp_path / "child.yaml").write_text("defaults: [base, _self_]\ntransformer: {num_layers: 3}\n")
     assert load_preset(tmp_path / "child.yaml") == {"backbone": "happyhorse", "transformer": {"num_layers": 3}}
+    (tmp_path / "orphan.yaml").write_text("defaults: [gone, _self_]\n")
+    with pytest.raises(UserInputError, match="its defaults name 'gone', but there is no"):
+        load_preset(tmp_path / "orphan.yaml")
+    (tmp_path / "loop.yaml").write_text("defaults: [loop, _self_]\n")
+    with pytest.raises(UserInputError, match="its defaults come back to it"):
+        load_preset(tmp_path / "loop.yaml")
