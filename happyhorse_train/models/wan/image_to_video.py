@@ -59,23 +59,23 @@ class WanImageClipEncoder(WanClipEncoder):
     """A clip's latents and what the pipeline makes of its condition image (its first-frame image, else its frame
     0): `first_frame` the image's own latents ("first_latents"); `first_frame_on_channels` "image_latents" (the
     normalized VAE mode of the image followed by black frames, as `WanImageToVideoPipeline.prepare_latents`
-    encodes it) and "image_embeds" (the CLIP image encoder's penultimate states, where the model has one)."""
+    encodes it); and "image_embeds" (the CLIP image encoder's penultimate states) for a transformer that takes
+    them (`image_dim`), as the pipeline decides."""
 
     def __init__(self, pipe, model_folder, max_sequence_length: int, conditioning: str):
         super().__init__(pipe, model_folder, max_sequence_length, conditioning)
-        self.takes_embeds = pipe.transformer.config.image_dim is not None  # as the pipeline decides
-        if conditioning == ON_CHANNELS and self.takes_embeds:
+        self.takes_embeds = pipe.transformer.config.image_dim is not None
+        if self.takes_embeds:
             folder = Path(model_folder)
             self.video_id += f":{component_id(folder / 'image_encoder')}:{component_id(folder / 'image_processor')}"
 
     @torch.no_grad()
     def encode_video(self, pixels, first_frame=None):
         entry = super().encode_video(pixels, first_frame)
-        if self.conditioning != ON_CHANNELS:
-            return entry
         image = condition_image(pixels, first_frame)
-        first_then_black = torch.cat([image[:, None], torch.zeros_like(pixels[:, 1:])], dim=1)
-        entry["image_latents"] = self.condition_latents(first_then_black)[0]
+        if self.conditioning == ON_CHANNELS:
+            first_then_black = torch.cat([image[:, None], torch.zeros_like(pixels[:, 1:])], dim=1)
+            entry["image_latents"] = self.condition_latents(first_then_black)[0]
         if self.takes_embeds:
             embeds = self.pipe.encode_image(image_pixels(image), self.pipe.image_encoder.device)
             entry["image_embeds"] = embeds[0].float()
@@ -130,20 +130,20 @@ class WanImageSpec(WanSpec):
         return WanImageClipEncoder(pipe, path, self.max_sequence_length, self.image_conditioning(pipe.transformer))
 
     def conditioned_input(self, transformer, noisy, cached):
+        inputs = {"image_embeds": cached["image_embeds"]} if "image_embeds" in cached else {}
         if self.image_conditioning(transformer) == CLEAN_FIRST_FRAME:
             # As the pipeline: latent frame 0 clean, its tokens at timestep 0, and nothing there to predict.
             kept = first_frame_loss_mask(noisy)
             pt, ph, pw = transformer.config.patch_size
             token_timesteps = kept[:, 0, ::pt, ::ph, ::pw].flatten(1)
             latents = (1 - kept) * cached["first_latents"].to(noisy.dtype) + kept * noisy
-            return Conditioned(latents, kept, {"token_timesteps": token_timesteps})
+            return Conditioned(latents, kept, {**inputs, "token_timesteps": token_timesteps})
         # The 4 mask channels say which latent frames the image latents hold (frame 0's four pixel frames).
         config = transformer.config
         batch, _, frames, height, width = noisy.shape
         given = noisy.new_zeros(batch, config.in_channels - 2 * config.out_channels, frames, height, width)
         given[:, :, 0] = 1
         latents = torch.cat([noisy, given, cached["image_latents"].to(noisy.dtype)], dim=1)
-        inputs = {"image_embeds": cached["image_embeds"]} if "image_embeds" in cached else {}
         return Conditioned(latents, None, inputs)
 
     def predict_velocity(self, transformer, noisy_latents, timesteps, text_states, text_mask, image_embeds=None,
