@@ -437,7 +437,9 @@ def main(argv=None) -> dict:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     preset = load_preset(args.preset)
-    if preset["transformer"].get("image_conditioning") or preset["backbone"] == "wan-i2v":
+    with torch.device("meta"):
+        meta_transformer = get_spec(preset["backbone"]).transformer_class(**preset["transformer"])
+    if get_spec(preset["backbone"]).image_conditioning(meta_transformer):
         raise SystemExit(f"error: {args.preset} is image to video; this benchmark times text-to-video steps")
     sample = preset.get("sample", {})
     size = parse_size(args.size) if args.size else (sample["width"], sample["height"], sample["num_frames"])

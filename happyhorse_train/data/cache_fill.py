@@ -101,10 +101,22 @@ def prefetch(items: Iterable, depth: int = 1) -> Iterator:
         thread.join()
 
 
-def _encode_clip(encoder: ClipEncoder, row: dict, pixels: torch.Tensor | UnreadableMedia) -> dict[str, torch.Tensor]:
-    if isinstance(pixels, UnreadableMedia):
-        raise pixels
-    entry = encoder.encode_video(pixels, first_frame_pixels(row))
+def with_first_frames(clips: Iterable) -> Iterator:
+    """(key, row, pixels, first-frame image or None) for decode_clips' (key, row, pixels); an image that does not
+    decode is its UnreadableMedia, as pixels are."""
+    for key, row, pixels in clips:
+        try:
+            first = first_frame_pixels(row)
+        except UnreadableMedia as error:
+            first = error
+        yield key, row, pixels, first
+
+
+def _encode_clip(encoder: ClipEncoder, pixels, first_frame) -> dict[str, torch.Tensor]:
+    for decoded in (pixels, first_frame):
+        if isinstance(decoded, UnreadableMedia):
+            raise decoded
+    entry = encoder.encode_video(pixels, first_frame)
     bad = [name for name, tensor in entry.items() if not torch.isfinite(tensor).all()]
     if bad:
         raise NonFiniteTensor(f"the VAE gave non-finite {', '.join(bad)}")
@@ -148,11 +160,11 @@ def fill_cache(
         unit="clip",
         disable=not (progress and missing_videos),
     )
-    clips = decode_clips((key, videos[key]) for key in missing_videos)
+    clips = with_first_frames(decode_clips((key, videos[key]) for key in missing_videos))
     with contextlib.closing(prefetch(clips, decode_ahead)) as decoded:
-        for key, row, pixels in decoded:
+        for key, row, pixels, first_frame in decoded:
             try:
-                entry = _encode_clip(encoder, row, pixels)
+                entry = _encode_clip(encoder, pixels, first_frame)
             except (UnreadableMedia, NonFiniteTensor) as error:
                 stats.failed.append({"clip_id": row["clip_id"], "source": row["source"], "reason": str(error)})
             else:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from happyhorse_train.models.component_id import component_id
-from happyhorse_train.models.latent_space import normalize_latents
+from happyhorse_train.models.latent_space import mode_latents
 
 FIRST_FRAME = "first_frame"  # the image's clean latent as latent frame 0 (HappyHorse, Wan 2.2 TI2V)
 
@@ -55,11 +55,8 @@ class VaeClipEncoder(ABC):
 
     @torch.no_grad()
     def condition_latents(self, video: torch.Tensor) -> torch.Tensor:
-        """(3, T, H, W) pixels -> (1, C, T', H', W') normalized latents of the VAE's mode: how the pipelines
-        encode their condition image (no sampling)."""
-        vae = self.pipe.vae
-        mode = vae.encode(video[None].to(vae.device, vae.dtype)).latent_dist.mode()
-        return normalize_latents(vae, mode.float())
+        """(3, T, H, W) pixels -> (1, C, T', H', W'), as the pipelines encode their condition image."""
+        return mode_latents(self.pipe.vae, video[None].to(self.pipe.vae.device))
 
     @abstractmethod
     def encode_texts(self, captions: list[str]) -> list[dict[str, torch.Tensor]]:

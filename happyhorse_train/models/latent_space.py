@@ -20,6 +20,14 @@ def normalize_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     return ((latents.float() - mean) / std).to(latents.dtype)
 
 
+def mode_latents(vae, video: torch.Tensor) -> torch.Tensor:
+    """(B, 3, T, H, W) pixels, on the device the VAE runs on -> the normalized latents of the VAE's mode (no
+    sampling): how the pipelines encode their condition image, and so how the cache encodes it. (Under model CPU
+    offload the VAE is moved only as it runs, so the caller places the pixels.)"""
+    latent = vae.encode(video.to(dtype=vae.dtype)).latent_dist.mode()
+    return normalize_latents(vae, latent.float())
+
+
 def denormalize_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     mean, std = _stats(vae, latents)
     return (latents.float() * std + mean).to(latents.dtype)

@@ -18,7 +18,7 @@ from happyhorse_train.errors import UserInputError
 from happyhorse_train.models.geometry import video_latent_shape
 from happyhorse_train.models.happyhorse.lora import HappyHorseLoraLoaderMixin
 from happyhorse_train.models.happyhorse.transformer import HappyHorseTransformer3DModel
-from happyhorse_train.models.latent_space import denormalize_latents, normalize_latents
+from happyhorse_train.models.latent_space import denormalize_latents, mode_latents
 
 
 def with_first_frame(latents: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
@@ -81,9 +81,7 @@ class HappyHorsePipeline(DiffusionPipeline, HappyHorseLoraLoaderMixin):
         """The condition image (PIL, or an array diffusers' image processor takes) as a normalized (1, C, 1, h, w)
         latent: resized to cover height x width and centre-cropped, then encoded as a one-frame video."""
         pixels = self.video_processor.preprocess(image, height=height, width=width, resize_mode="crop")
-        video = pixels[:, :, None].to(device=device, dtype=self.vae.dtype)
-        latent = self.vae.encode(video).latent_dist.mode()
-        return normalize_latents(self.vae, latent.float())
+        return mode_latents(self.vae, pixels[:, :, None].to(device))
 
     def _check_image(self, image) -> None:
         conditioning = self.transformer.config.get("image_conditioning")

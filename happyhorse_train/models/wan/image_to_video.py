@@ -39,14 +39,14 @@ def _quietly_imported_pipeline() -> type:
     return WanImageToVideoPipeline
 
 
-ON_CHANNELS, CLEAN_FIRST_FRAME = "first_frame_on_channels", FIRST_FRAME
+ON_CHANNELS = "first_frame_on_channels"
 # diffusers' WanAttnProcessor takes all but the last 512 context tokens as the image's.
 TEXT_TOKENS_WITH_IMAGE = 512
 
 
 def conditioning_of(config) -> str:
     """The way a Wan transformer config takes its image: on channels when it reads more than it writes."""
-    return ON_CHANNELS if config["in_channels"] > config["out_channels"] else CLEAN_FIRST_FRAME
+    return ON_CHANNELS if config["in_channels"] > config["out_channels"] else FIRST_FRAME
 
 
 def image_pixels(pixels: torch.Tensor) -> Image.Image:
@@ -106,7 +106,7 @@ class WanImageSpec(WanSpec):
         except (OSError, json.JSONDecodeError):
             return  # check_model_folder names what is missing or broken
         conditioning, expand = conditioning_of(config), bool(index.get("expand_timesteps"))
-        if expand != (conditioning == CLEAN_FIRST_FRAME):
+        if expand != (conditioning == FIRST_FRAME):
             raise UserInputError(
                 f"{folder}: model_index.json has expand_timesteps={expand}, but the transformer takes the image "
                 f"{conditioning} (in_channels {config['in_channels']}, out_channels {config['out_channels']}): set "
@@ -131,7 +131,7 @@ class WanImageSpec(WanSpec):
 
     def conditioned_input(self, transformer, noisy, cached):
         inputs = {"image_embeds": cached["image_embeds"]} if "image_embeds" in cached else {}
-        if self.image_conditioning(transformer) == CLEAN_FIRST_FRAME:
+        if self.image_conditioning(transformer) == FIRST_FRAME:
             # As the pipeline: latent frame 0 clean, its tokens at timestep 0, and nothing there to predict.
             kept = first_frame_loss_mask(noisy)
             pt, ph, pw = transformer.config.patch_size
